@@ -1,0 +1,10 @@
+"""Vectorized PyTorch implementations of every tritonslide op, installed as ``tritonslide.cpu_fallback``.
+
+Pure PyTorch: this package never imports Triton, so it runs on small devices that have none. Each op
+``tritonslide.ops.<op>`` has its fallback here as ``torch_<op>`` with the same signature.
+"""
+
+from tritonslide.cpu_fallback.active_conv2d import torch_active_conv2d, torch_active_conv2d_backward
+from tritonslide.cpu_fallback.hash_histogram import torch_hash_histogram
+
+__all__ = ["torch_active_conv2d", "torch_active_conv2d_backward", "torch_hash_histogram"]

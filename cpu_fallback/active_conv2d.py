@@ -1,0 +1,105 @@
+"""Active-filter convolution in PyTorch: only the rows ``out_idx`` of the weight, reading only ``in_idx``.
+
+Feeney (2019), shared/papers/001, Alg. 4-6: the active set ``A`` of filters is gathered, the convolution runs on
+it alone and the output is scattered back into a zero tensor of the full channel count; the backward pass uses
+``A`` for ``dI`` and updates only the rows of ``A`` (Alg. 5). With last-active-set sharing (Alg. 6) only the input
+channels ``in_idx`` are read.
+
+Definition (with masks ``m_out``, ``m_in`` that are 1 on the indexed channels):
+    ``y = (conv2d(x * m_in, W, b)) * m_out``,  ``dW = m_out * (dW of that) * m_in``,  ``dx = m_in * (...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather(x, weight, bias, out_idx, in_idx):
+    xs = x if in_idx is None else x.index_select(1, in_idx)
+    w = weight if out_idx is None else weight.index_select(0, out_idx)
+    w = w if in_idx is None else w.index_select(1, in_idx)
+    b = None if bias is None else (bias if out_idx is None else bias.index_select(0, out_idx))
+    return xs, w, b
+
+
+def _out_hw(x, weight, stride, padding, dilation):
+    kh, kw = weight.shape[-2:]
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return h, w
+
+
+def torch_active_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    in_idx: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """``conv2d(x * m_in, weight, bias) * m_out`` computed on the active rows and channels only."""
+    n, o = x.shape[0], weight.shape[0]
+    ho, wo = _out_hw(x, weight, stride, padding, dilation)
+    xs, w, b = _gather(x, weight, bias, out_idx, in_idx)
+    if w.shape[0] == 0 or n == 0:
+        return x.new_zeros(n, o, ho, wo)
+    if w.shape[1] == 0:  # no active input channel: only the bias of the active rows remains
+        y_act = x.new_zeros(n, w.shape[0], ho, wo)
+        if b is not None:
+            y_act += b.view(1, -1, 1, 1)
+    else:
+        y_act = F.conv2d(xs, w, b, stride, padding, dilation)
+    if out_idx is None or out_idx.numel() == o:
+        # out_idx is sorted and unique (checked by the op layer), so a full set is the identity permutation.
+        return y_act
+    y = y_act.new_zeros(n, o, ho, wo)
+    return y.index_copy_(1, out_idx, y_act)
+
+
+def torch_active_conv2d_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    out_idx: torch.Tensor | None,
+    in_idx: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dx, dW, db) of :func:`torch_active_conv2d`; zero outside the active rows and channels."""
+    need_x, need_w, need_b = needs[0], needs[1], needs[2] and has_bias
+    xs, w, _ = _gather(x, weight, None, out_idx, in_idx)
+    g = grad_y if out_idx is None or out_idx.numel() == weight.shape[0] else grad_y.index_select(1, out_idx)
+    dx = dw = db = None
+    if w.shape[0] == 0 or w.shape[1] == 0 or x.shape[0] == 0:
+        dxs = xs.new_zeros(xs.shape) if need_x else None
+        dws = w.new_zeros(w.shape) if need_w else None
+        dbs = g.sum((0, 2, 3)) if need_b else None
+    else:
+        dxs, dws, dbs = torch.ops.aten.convolution_backward(
+            g.contiguous(),
+            xs,
+            w,
+            [w.shape[0]] if need_b else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            1,
+            [need_x, need_w, need_b],
+        )
+    if need_x:
+        dx = dxs if in_idx is None else x.new_zeros(x.shape).index_copy_(1, in_idx, dxs)
+    if need_w:
+        if in_idx is not None:
+            dws = dws.new_zeros(dws.shape[0], weight.shape[1], *weight.shape[2:]).index_copy_(1, in_idx, dws)
+        dw = dws if out_idx is None else weight.new_zeros(weight.shape).index_copy_(0, out_idx, dws)
+    if need_b:
+        db = dbs if out_idx is None else weight.new_zeros(weight.shape[0]).index_copy_(0, out_idx, dbs)
+    return dx, dw, db

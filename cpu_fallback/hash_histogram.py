@@ -1,0 +1,48 @@
+"""Hyperplane hashing of every im2col patch and the per-table bucket histogram, in PyTorch.
+
+Feeney (2019), shared/papers/001, sec. 3.2.5 and 5.1: bit ``j`` of table ``t`` is ``b(x) = [a_{t,j}^T x >= 0]``
+(eq. 3.3 / 5.1), the table's code is ``g(x) = sum_j b_j(x) << j`` (eq. 3.4), and the projections of all patches
+are one convolution of the input with the hyperplanes as filters (sec. 5.1), never a materialized im2col.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def torch_hash_histogram(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    bits: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    in_idx: torch.Tensor | None = None,
+    return_codes: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Histogram (L, 2**bits) int64 of the codes of every patch of ``x`` (and the (N, L, H', W') codes).
+
+    ``planes`` is (L*bits, C, kh, kw); projection ``t*bits + j`` gives bit ``j`` of table ``t``. With ``in_idx``
+    only those input channels are read (the result equals hashing ``x`` with the other channels zeroed).
+    Projections run in float32 for half-precision inputs. Arguments are checked by ``tritonslide.ops``.
+    """
+    n_tables = planes.shape[0] // bits
+    if in_idx is not None:
+        x = x.index_select(1, in_idx)
+        planes = planes.index_select(1, in_idx)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    proj = F.conv2d(x, planes.to(x.dtype), None, stride, padding, dilation)
+    n, _, ho, wo = proj.shape
+    signs = (proj >= 0).view(n, n_tables, bits, ho, wo)
+    # Packing bit by bit keeps the temporaries at one int32 per (patch, table) instead of one int64 per bit.
+    codes = signs[:, :, 0].to(torch.int32)
+    for j in range(1, bits):
+        codes |= signs[:, :, j].to(torch.int32) << j
+    n_buckets = 1 << bits
+    offsets = torch.arange(n_tables, device=x.device, dtype=torch.int32).view(1, n_tables, 1, 1) * n_buckets
+    hist = torch.bincount((codes + offsets).flatten(), minlength=n_tables * n_buckets).view(n_tables, n_buckets)
+    if return_codes:
+        return hist, codes.to(torch.int64)
+    return hist

@@ -1,0 +1,38 @@
+"""tritonslide: cheaper convolutional and linear layers with hashing and sketching.
+
+Public API: ``patch`` / ``unpatch`` (model surgery), the configs, ``tritonslide.nn`` (layers), ``tritonslide.ops``
+(the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``stats``,
+``TrainAndReplace``.
+"""
+
+from tritonslide import nn, ops
+from tritonslide._backend import current_backend, use_backend
+from tritonslide.configs import ALSHConfig
+from tritonslide.patch import (
+    TrainAndReplace,
+    available_methods,
+    link_active_sets,
+    patch,
+    rebuild_tables,
+    reset_stats,
+    stats,
+    unpatch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALSHConfig",
+    "TrainAndReplace",
+    "available_methods",
+    "current_backend",
+    "link_active_sets",
+    "nn",
+    "ops",
+    "patch",
+    "rebuild_tables",
+    "reset_stats",
+    "stats",
+    "unpatch",
+    "use_backend",
+]

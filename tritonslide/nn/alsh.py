@@ -1,0 +1,262 @@
+"""ALSH convolution: per batch, hyperplane ALSH picks the filters likely to give large outputs.
+
+Feeney (2019), shared/papers/001:
+- pre-pass (Alg. 3): every flattened filter ``w`` is scaled so ``||w|| <= U < 1`` and transformed by
+  ``P(w) = [w, 1/2 - ||w||^2, ..., 1/2 - ||w||^(2^m)]`` (eq. 3.5); its K-bit hyperplane code in each of the L
+  tables is kept as the (O, L) buffer ``filter_codes`` (the tables as a tensor, not dicts).
+- forward (Alg. 4): every im2col patch ``q`` of the batch is hashed with ``Q(q) = [q, 0, ..., 0]``, which makes
+  its projections one convolution with the first C*kh*kw components of the planes (``tritonslide.ops.
+  hash_histogram``); the ``top_buckets`` most frequent codes of each table are taken (4.2, 5.1.1), and the union
+  of the filters whose codes fall in them is the active set, computed by ``tritonslide.ops.active_conv2d``.
+- backward (Alg. 5): gradients reach the active filters only; ``dI`` flows through them only.
+- last-active-set sharing (Alg. 6): when ``tritonslide.patch`` linked this layer to the ALSH layer before it
+  (only zero-preserving modules in between), only that layer's active channels of the input are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from tritonslide import ops
+from tritonslide.configs import ALSHConfig
+from tritonslide.nn._common import (
+    check_conv_input,
+    conv_out_hw,
+    conv_unconvertible_reason,
+    dense_conv_like,
+    explicit_padding,
+    layer_seed,
+)
+
+_STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ALSHLayerStats:
+    """Running statistics of one ALSH layer since the last reset (``tritonslide.stats``)."""
+
+    calls: int
+    active_fraction: float  # mean over calls of |active set| / out_channels
+    bucket_max: float  # max over buckets of the mean bucket size (queries per code), Table 5.5
+    bucket_std: float  # std of the mean bucket sizes within a table, averaged over tables, Table 5.5
+    mean_bucket_sizes: torch.Tensor  # (L, 2**K) mean number of query patches per code and call
+
+
+class ALSHConv2d(nn.Module):
+    """Drop-in for ``nn.Conv2d`` (groups=1, zero padding) that computes only the filters ALSH selects.
+
+    Buffers (moved by ``.to()``, saved in ``state_dict``): ``planes`` (L*K, C, kh, kw), the query part of the
+    random hyperplanes; ``planes_extra`` (L*K, m), their components on the m coordinates P appends;
+    ``filter_codes`` (O, L) int64, each filter's bucket per table; ``steps``, the training forwards seen (drives
+    ``rebuild_every``). The config travels as the module's extra state and is checked when a state_dict loads.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        config: ALSHConfig | None = None,
+        *,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        _init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        config = ALSHConfig() if config is None else config
+        if not isinstance(config, ALSHConfig):
+            raise TypeError(f"ALSHConv2d: expected an ALSHConfig, got {type(config).__name__}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = tuple(_pair(kernel_size)), tuple(_pair(stride))
+        self.padding, self.dilation = tuple(_pair(padding)), tuple(_pair(dilation))
+        self.config = config
+        self._name = ""
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if _init_weights:  # the same initialization as nn.Conv2d
+            nn.Conv2d.reset_parameters(self)
+
+        n_planes, d = config.tables * config.bits, in_channels * self.kernel_size[0] * self.kernel_size[1]
+        gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+        planes = torch.randn(n_planes, d + config.m, generator=gen, dtype=torch.float32)
+        self.register_buffer("planes", planes[:, :d].reshape(n_planes, in_channels, *self.kernel_size).to(**factory))
+        self.register_buffer("planes_extra", planes[:, d:].to(device=device))
+        self.register_buffer("filter_codes", torch.zeros(out_channels, config.tables, dtype=torch.int64, device=device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        # statistics: not needed to reproduce an output, so not saved
+        self.register_buffer("stat_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("stat_active", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer(
+            "stat_hist", torch.zeros(config.tables, 1 << config.bits, dtype=torch.float64, device=device),
+            persistent=False,
+        )
+        # last-active-set sharing, set up by tritonslide.patch (plain attributes: not submodules, not state)
+        object.__setattr__(self, "_share_source", None)
+        self._publish = False
+        self._published_active: torch.Tensor | None = None
+        self.rebuild_tables()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, config: ALSHConfig | None = None, *, name: str = "") -> "ALSHConv2d":
+        """Wrap a trained ``nn.Conv2d``: its weight and bias Parameters are reused (an optimizer holding them
+        keeps working) and the filters are hashed into fresh tables. ``name`` (the qualified name ``patch``
+        passes) is mixed into the seed so that layers get independent hyperplanes."""
+        config = ALSHConfig() if config is None else config
+        reason = conv_unconvertible_reason(conv)
+        if reason is not None:
+            raise ValueError(f"ALSHConv2d.from_dense({name or type(conv).__name__}): cannot convert: {reason}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
+            conv.dilation, conv.bias is not None, config, seed=layer_seed(config.seed, name),
+            device=conv.weight.device, dtype=conv.weight.dtype, _init_weights=False,
+        )
+        layer.weight = conv.weight
+        if conv.bias is not None:
+            layer.bias = conv.bias
+        layer._name = name
+        layer.rebuild_tables()
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (all filters, same Parameters)."""
+        return dense_conv_like(self, self.weight, self.bias)
+
+    def display_name(self) -> str:
+        return f"ALSHConv2d '{self._name}'" if self._name else f"ALSHConv2d({self.in_channels}->{self.out_channels})"
+
+    # ------------------------------------------------------------------ tables
+    @torch.no_grad()
+    def filter_projections(self) -> torch.Tensor:
+        """(O, L*K) projections of ``P(w)`` of every flattened, U-scaled filter on the hyperplanes."""
+        w = self.weight.detach().float().flatten(1)
+        scale = self.config.norm_bound / w.norm(dim=1).max().clamp_min(torch.finfo(torch.float32).tiny)
+        w = w * scale
+        proj = w @ self.planes.float().flatten(1).T
+        if self.config.m:
+            sq = (w * w).sum(1)
+            # P appends 1/2 - ||w||^(2^i), i = 1..m: ||w||^2, ||w||^4, ... are repeated squarings of ||w||^2.
+            tail = [0.5 - sq ** (1 << i) for i in range(self.config.m)]
+            proj = proj + torch.stack(tail, 1) @ self.planes_extra.float().T
+        return proj
+
+    @torch.no_grad()
+    def rebuild_tables(self) -> None:
+        """Re-hash every filter into the L tables (the pre-pass, Alg. 3). Call after weights change."""
+        bits = self.config.bits
+        signs = (self.filter_projections() >= 0).view(self.out_channels, self.config.tables, bits)
+        weights = 1 << torch.arange(bits, device=signs.device, dtype=torch.int64)
+        self.filter_codes.copy_((signs.to(torch.int64) * weights).sum(-1))
+
+    @torch.no_grad()
+    def select_active(self, hist: torch.Tensor) -> torch.Tensor:
+        """Sorted int64 indices of the active filters for a (L, 2**K) query histogram.
+
+        Per table the ``top_buckets`` most frequent codes are taken (ties go to the lower code, so the choice is
+        deterministic); a filter is active when its code in any table is among them. When fewer than
+        ``min_active`` filters are active, the filters whose buckets collected the most query votes over all
+        tables are added.
+        """
+        n_tables, n_buckets = hist.shape
+        cfg, codes = self.config, self.filter_codes
+        rows = torch.arange(n_tables, device=hist.device)
+        if cfg.top_buckets >= n_buckets:
+            active = torch.ones(self.out_channels, dtype=torch.bool, device=hist.device)
+        else:
+            top = torch.sort(hist, dim=1, descending=True, stable=True).indices[:, : cfg.top_buckets]
+            chosen = torch.zeros(n_tables, n_buckets, dtype=torch.bool, device=hist.device)
+            chosen.scatter_(1, top, True)
+            active = chosen[rows, codes].any(1)
+            # min_active without a host round trip: already-active filters rank first, then by their votes.
+            k = min(cfg.min_active, self.out_channels)
+            votes = hist[rows, codes].sum(1).to(torch.float64) + active.to(torch.float64) * (hist.sum() + 1)
+            active[torch.topk(votes, k, sorted=False).indices] = True
+        return active.nonzero().squeeze(1)
+
+    # ------------------------------------------------------------------ forward
+    def _shared_in_idx(self) -> torch.Tensor | None:
+        source = self._share_source
+        if source is None or not self.config.share_active_set:
+            return None
+        idx, source._published_active = source._published_active, None  # consumed: never reused stale
+        if idx is None or idx.numel() == self.in_channels:
+            return None
+        return idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        check_conv_input(self, x)
+        in_idx = self._shared_in_idx()
+        if x.shape[0] == 0:
+            y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
+            return y.squeeze(0) if unbatched else y
+        if self.training:
+            every = self.config.rebuild_every
+            if every is not None and int(self.steps) > 0 and int(self.steps) % every == 0:
+                self.rebuild_tables()
+            self.steps += 1
+        with torch.no_grad():
+            hist = ops.hash_histogram(
+                x.detach(), self.planes, self.config.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
+            )
+            out_idx = self.select_active(hist)
+            self.stat_calls += 1
+            self.stat_active += out_idx.numel() / self.out_channels
+            self.stat_hist += hist
+        if self._publish:
+            self._published_active = out_idx
+        y = ops.active_conv2d(x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation)
+        return y.squeeze(0) if unbatched else y
+
+    # ------------------------------------------------------------------ stats and state
+    def stats(self) -> ALSHLayerStats:
+        calls = int(self.stat_calls)
+        mean_hist = self.stat_hist / max(calls, 1)
+        return ALSHLayerStats(
+            calls=calls,
+            active_fraction=float(self.stat_active) / max(calls, 1),
+            bucket_max=float(mean_hist.max()),
+            bucket_std=float(mean_hist.std(dim=1, unbiased=False).mean()),
+            mean_bucket_sizes=mean_hist.cpu(),
+        )
+
+    def reset_stats(self) -> None:
+        self.stat_calls.zero_()
+        self.stat_active.zero_()
+        self.stat_hist.zero_()
+
+    def output_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        return (n, self.out_channels, *conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": _STATE_FORMAT, "config": self.config.to_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("config") if isinstance(state, dict) else None
+        if saved != self.config.to_dict():
+            raise ValueError(
+                f"{self.display_name()}: the state_dict was saved with config {saved} but this layer has "
+                f"{self.config.to_dict()}; patch the model with the same config before loading"
+            )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+            f"L={c.tables}, K={c.bits}, top_buckets={c.top_buckets}, m={c.m}"
+            + (", shares_input" if self._share_source is not None else "")
+        )

@@ -1,0 +1,161 @@
+"""The op layer: ``tritonslide.ops.<op>``, one backend choice per call, one autograd Function per op.
+
+Every op checks its arguments here, asks :func:`tritonslide._backend.resolve_backend` for ``"torch"`` or
+``"triton"``, and runs ``tritonslide.cpu_fallback.torch_<op>`` or the Triton launcher of ``tritonslide.kernels``.
+Nothing below this layer sees a module, a config or a hash-table object: only tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.nn.modules.utils import _pair
+
+from tritonslide import kernels
+from tritonslide._backend import resolve_backend
+from tritonslide.cpu_fallback import torch_active_conv2d, torch_active_conv2d_backward, torch_hash_histogram
+
+IntPair = int | Sequence[int]
+
+# Histograms have L * 2**bits int64 entries and codes are packed in int32 lanes.
+MAX_BITS = 24
+
+
+def _conv_args(name: str, stride: IntPair, padding: IntPair, dilation: IntPair):
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    for label, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(value) != 2 or any((not isinstance(v, int)) or v < low for v in value):
+            raise ValueError(f"{name}: {label} must be an int or a pair of ints >= {low}, got {value!r}")
+    return tuple(stride), tuple(padding), tuple(dilation)
+
+
+def _check_x(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected x to be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected x of shape (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point x, got {x.dtype}")
+
+
+def _check_index(name: str, label: str, idx: torch.Tensor | None, size: int, device: torch.device) -> None:
+    """Index tensors must be 1-d int64, on x's device, unique, sorted and inside [0, size).
+
+    Values are checked on CPU only: on CUDA the check would cost a device-to-host sync on every call.
+    """
+    if idx is None:
+        return
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise TypeError(f"{name}: expected {label} to be a 1-d int64 tensor, got {got}")
+    if idx.device != device:
+        raise ValueError(f"{name}: {label} is on {idx.device} but x is on {device}")
+    if idx.numel() > size:
+        raise ValueError(f"{name}: {label} has {idx.numel()} entries but there are only {size} channels")
+    if idx.device.type == "cpu" and idx.numel() > 0:
+        if int(idx.min()) < 0 or int(idx.max()) >= size:
+            raise ValueError(f"{name}: {label} must lie in [0, {size}), got values in [{int(idx.min())}, {int(idx.max())}]")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"{name}: {label} must be sorted and unique (as torch.unique returns it)")
+
+
+def hash_histogram(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    bits: int,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    in_idx: torch.Tensor | None = None,
+    return_codes: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Hyperplane-hash every im2col patch of ``x`` and count the codes per table.
+
+    ``planes``: (L*bits, C, kh, kw). For every patch ``p`` of the batch (the columns of im2col with this
+    stride / padding / dilation) bit ``j`` of table ``t`` is ``[<planes[t*bits+j], p> >= 0]`` and the table's
+    code is ``sum_j bit_j << j`` (Feeney 2019, eq. 3.3-3.4). Returns the (L, 2**bits) int64 histogram of codes
+    over all patches of the batch, and the (N, L, H', W') int64 codes when ``return_codes``. With ``in_idx`` the
+    projection reads only those input channels, which equals hashing ``x`` with the other channels zeroed.
+    Not differentiable (its outputs are integers).
+    """
+    name = "tritonslide.ops.hash_histogram"
+    _check_x(name, x)
+    stride, padding, dilation = _conv_args(name, stride, padding, dilation)
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"{name}: bits must be an int in [1, {MAX_BITS}], got {bits!r}")
+    if not isinstance(planes, torch.Tensor) or planes.dim() != 4:
+        raise ValueError(f"{name}: expected planes of shape (L*bits, C, kh, kw), got {getattr(planes, 'shape', planes)}")
+    if planes.shape[0] == 0 or planes.shape[0] % bits:
+        raise ValueError(f"{name}: planes.shape[0]={planes.shape[0]} must be a positive multiple of bits={bits}")
+    if planes.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: planes have {planes.shape[1]} input channels but x has {x.shape[1]}")
+    if planes.device != x.device:
+        raise ValueError(f"{name}: planes are on {planes.device} but x is on {x.device}")
+    _check_index(name, "in_idx", in_idx, x.shape[1], x.device)
+    if resolve_backend("hash_histogram", x) == "triton":
+        return kernels.get_kernel("hash_histogram")(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
+    return torch_hash_histogram(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
+
+
+class ActiveConv2dFunction(torch.autograd.Function):
+    """Autograd of :func:`active_conv2d`; the backend was chosen by the op and is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_idx, in_idx, stride, padding, dilation, backend):
+        fwd = kernels.get_kernel("active_conv2d") if backend == "triton" else torch_active_conv2d
+        y = fwd(x, weight, bias, out_idx, in_idx, stride, padding, dilation)
+        ctx.save_for_backward(x, weight, out_idx, in_idx)
+        ctx.conf = (bias is not None, stride, padding, dilation, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, out_idx, in_idx = ctx.saved_tensors
+        has_bias, stride, padding, dilation, backend = ctx.conf
+        bwd = kernels.get_kernel("active_conv2d_backward") if backend == "triton" else torch_active_conv2d_backward
+        needs = tuple(ctx.needs_input_grad[:3])
+        dx, dw, db = bwd(grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def active_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    in_idx: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """Convolution restricted to the active filters ``out_idx`` and the active input channels ``in_idx``.
+
+    Equals ``F.conv2d(x * m_in, weight, bias) * m_out`` (``m`` the 0/1 channel masks of the index sets; the bias
+    only on active channels) while computing only rows ``out_idx`` and reading only channels ``in_idx``
+    (Feeney 2019, Alg. 4 and 6). Backward: gradients for the active rows only (zeros elsewhere), ``dx`` through the
+    active filters into the active input channels (Alg. 5). ``None`` means all. Indices: sorted unique int64.
+    """
+    name = "tritonslide.ops.active_conv2d"
+    _check_x(name, x)
+    stride, padding, dilation = _conv_args(name, stride, padding, dilation)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{name}: expected weight of shape (O, C, kh, kw), got {getattr(weight, 'shape', weight)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"{name}: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) and dtype {x.dtype}, got {bias.shape}")
+    _check_index(name, "out_idx", out_idx, weight.shape[0], x.device)
+    _check_index(name, "in_idx", in_idx, x.shape[1], x.device)
+    for label, size, extent in (("height", x.shape[2], weight.shape[2]), ("width", x.shape[3], weight.shape[3])):
+        i = 0 if label == "height" else 1
+        if size + 2 * padding[i] < dilation[i] * (extent - 1) + 1:
+            raise ValueError(f"{name}: input {label} {size} (padded {size + 2 * padding[i]}) is smaller than the "
+                             f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
+    backend = resolve_backend("active_conv2d", x)
+    return ActiveConv2dFunction.apply(x, weight, bias, out_idx, in_idx, stride, padding, dilation, backend)
+
+
+__all__ = ["active_conv2d", "hash_histogram", "ActiveConv2dFunction"]

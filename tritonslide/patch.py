@@ -1,0 +1,265 @@
+"""Model surgery: ``patch`` / ``unpatch`` swap layers in place through a handler registered per method.
+
+Modelled on torchao's ``quantize_(model, config, filter_fn)``: the list of modules is copied before anything is
+swapped, configs are dataclasses, the new layers reuse the original Parameters (an optimizer that holds them keeps
+working), and nothing is monkey-patched globally.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from tritonslide.configs import ALSHConfig
+from tritonslide.nn._common import conv_unconvertible_reason
+from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How ``patch`` applies one method: its config class and the layer class whose ``from_dense`` converts."""
+
+    name: str
+    config_cls: type
+    layer_cls: type
+    # modules the method converts; anything else is left alone silently
+    targets: tuple[type, ...]
+    # why a target cannot be converted, or None
+    unconvertible_reason: Callable[[nn.Module], str | None]
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> None:
+    """Register a method so that ``patch(model, spec.name)`` and ``patch(model, spec.config_cls(...))`` work."""
+    _METHODS[spec.name] = spec
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+register_method(
+    MethodSpec("alsh", ALSHConfig, ALSHConv2d, (nn.Conv2d, nn.ConvTranspose2d), conv_unconvertible_reason)
+)
+
+# The types of every tritonslide layer that patch produces (unpatch turns them back).
+_LAYER_TYPES: tuple[type, ...] = (ALSHConv2d,)
+
+# Modules that map a zero channel to a zero channel and never mix channels, so an ALSH layer after them can read
+# only the previous ALSH layer's active channels (Alg. 6). Exact types only: a subclass may override forward.
+# BatchNorm is not here: it maps 0 to -mean/std * gamma + beta.
+ZERO_PRESERVING: frozenset[type] = frozenset({
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Softsign,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d,
+})
+
+
+def _resolve_config(config):
+    if config is None:
+        return ALSHConfig()
+    if isinstance(config, str):
+        spec = _METHODS.get(config.lower())
+        if spec is None:
+            raise ValueError(f"tritonslide.patch: unknown method {config!r}; available: {available_methods()}")
+        return spec.config_cls()
+    for spec in _METHODS.values():
+        if isinstance(config, spec.config_cls):
+            return config
+    raise TypeError(
+        f"tritonslide.patch: config must be None, a method name {available_methods()} or one of their config "
+        f"objects, got {type(config).__name__}"
+    )
+
+
+def _spec_for(config) -> MethodSpec:
+    return next(s for s in _METHODS.values() if isinstance(config, s.config_cls))
+
+
+def _is_conv_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d) + _LAYER_TYPES)
+
+
+def _first_conv_name(model: nn.Module) -> str | None:
+    return next((name for name, m in model.named_modules() if _is_conv_like(m)), None)
+
+
+def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _default_filter(model: nn.Module) -> FilterFn:
+    """The papers keep the first convolution dense (CNN-SLIDE sec. 5, CSG sec. 3): every conv but the first."""
+    first = _first_conv_name(model)
+    return lambda module, fqn: fqn != first
+
+
+def patch(model: nn.Module, config=None, *, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Swap the convolutions of ``model`` for tritonslide layers, in place; returns ``model``.
+
+    ``config``: a config object or a method name (``"alsh"``); None means ``ALSHConfig()``. By default every
+    ``nn.Conv2d`` except the first one of the model is converted; ``filter_fn(module, qualified_name) -> bool``
+    overrides that choice. Layers already converted are left as they are, so patching twice changes nothing.
+    Targets that cannot be converted (groups > 1, non-zero padding modes, transposed convolutions) stay dense and
+    are listed in one warning. Consecutive ALSH layers inside an ``nn.Sequential`` separated only by
+    zero-preserving modules are linked for last-active-set sharing. When ``model`` itself is a convolution the
+    converted layer is returned (there is no parent to swap it in).
+    """
+    config = _resolve_config(config)
+    spec = _spec_for(config)
+    keep = filter_fn if filter_fn is not None else _default_filter(model)
+    skipped: list[str] = []
+    for fqn, module in list(model.named_modules()):  # a copy: the tree changes below
+        if isinstance(module, _LAYER_TYPES) or not isinstance(module, spec.targets):
+            continue
+        if not keep(module, fqn):
+            continue
+        reason = spec.unconvertible_reason(module)
+        if reason is not None:
+            skipped.append(f"{fqn or '<model>'} ({reason})")
+            continue
+        new = spec.layer_cls.from_dense(module, config, name=fqn)
+        if fqn == "":
+            model = new
+        else:
+            _set_submodule(model, fqn, new)
+    if skipped:
+        warnings.warn(
+            f"tritonslide.patch: {len(skipped)} layer(s) left dense: " + ", ".join(skipped), UserWarning, stacklevel=2
+        )
+    link_active_sets(model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Turn every tritonslide layer back into its dense module with the same Parameters; returns ``model``."""
+    _unlink_all(model)
+    if isinstance(model, _LAYER_TYPES):
+        return model.to_dense()
+    for fqn, module in list(model.named_modules()):
+        if isinstance(module, _LAYER_TYPES):
+            _set_submodule(model, fqn, module.to_dense())
+    return model
+
+
+# ---------------------------------------------------------------------- last-active-set sharing
+def _clear_published(module: nn.Module, args) -> None:
+    """Forward pre-hook of a linked nn.Sequential: no active set from an earlier call is ever read."""
+    for child in module.children():
+        if isinstance(child, ALSHConv2d):
+            child._published_active = None
+
+
+def _unlink_all(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, ALSHConv2d):
+            object.__setattr__(module, "_share_source", None)
+            module._publish = False
+            module._published_active = None
+        if isinstance(module, nn.Sequential):
+            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _clear_published]:
+                del module._forward_pre_hooks[key]
+
+
+def link_active_sets(model: nn.Module) -> list[tuple[str, str]]:
+    """(Re)build the last-active-set links of ``model``; returns the linked (producer, consumer) names.
+
+    Only direct children of one ``nn.Sequential`` are linked, and only across modules in
+    :data:`ZERO_PRESERVING`: anything that cannot be proven to keep inactive channels at zero breaks the chain.
+    """
+    _unlink_all(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    links: list[tuple[str, str]] = []
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        prev: ALSHConv2d | None = None
+        linked_here = False
+        for child in seq.children():
+            if isinstance(child, ALSHConv2d):
+                if (
+                    prev is not None
+                    and child.config.share_active_set
+                    and prev.out_channels == child.in_channels
+                    and prev.weight.device == child.weight.device
+                ):
+                    object.__setattr__(child, "_share_source", prev)
+                    prev._publish = True
+                    links.append((names[id(prev)], names[id(child)]))
+                    linked_here = True
+                prev = child
+            elif type(child) not in ZERO_PRESERVING:
+                prev = None
+        if linked_here:
+            seq.register_forward_pre_hook(_clear_published)
+    return links
+
+
+# ---------------------------------------------------------------------- maintenance
+def rebuild_tables(model: nn.Module) -> int:
+    """Re-hash the filters of every ALSH layer (the thesis did it once per epoch); returns how many."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "rebuild_tables") and isinstance(module, _LAYER_TYPES):
+            module.rebuild_tables()
+            count += 1
+    return count
+
+
+def stats(model: nn.Module) -> dict[str, ALSHLayerStats]:
+    """Per ALSH layer (by qualified name): calls, running mean active fraction, bucket max and std (Table 5.5)."""
+    return {name: m.stats() for name, m in model.named_modules() if isinstance(m, ALSHConv2d)}
+
+
+def reset_stats(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, ALSHConv2d):
+            module.reset_stats()
+
+
+class TrainAndReplace:
+    """Train-and-replace (Feeney 2019, Alg. 7, Table 5.2): every ``gap`` epochs the deepest remaining dense
+    convolution becomes a tritonslide layer, so the network retrains between replacements.
+
+    Call :meth:`step` once at the start of every epoch (epochs count from 1): at epochs ``gap, 2*gap, ...`` it
+    replaces one layer and returns its qualified name (None otherwise). The new layer reuses the dense layer's
+    Parameters, so the optimizer needs no change. ``filter_fn`` chooses the eligible layers as in :func:`patch`
+    (default: every conv but the first).
+    """
+
+    def __init__(self, model: nn.Module, config=None, gap: int = 1, *, filter_fn: FilterFn | None = None) -> None:
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"TrainAndReplace: gap must be an int >= 1, got {gap!r}")
+        self.model, self.config, self.gap = model, _resolve_config(config), gap
+        self.filter_fn = filter_fn if filter_fn is not None else _default_filter(model)
+        self.epoch = 0
+
+    def remaining(self) -> list[str]:
+        """Qualified names of the dense convolutions still to replace, deepest first."""
+        spec = _spec_for(self.config)
+        names = [
+            fqn for fqn, m in self.model.named_modules()
+            if isinstance(m, spec.targets) and not isinstance(m, _LAYER_TYPES)
+            and self.filter_fn(m, fqn) and spec.unconvertible_reason(m) is None
+        ]
+        return names[::-1]
+
+    def step(self) -> str | None:
+        self.epoch += 1
+        if self.epoch % self.gap:
+            return None
+        todo = self.remaining()
+        if not todo:
+            return None
+        target = todo[0]
+        patch(self.model, self.config, filter_fn=lambda module, fqn: fqn == target)
+        return target
