@@ -34,7 +34,7 @@ def _check_x(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected x to be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{name}: expected x of shape (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected x of shape (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point x, got {x.dtype}")
 
@@ -55,7 +55,8 @@ def _check_index(name: str, label: str, idx: torch.Tensor | None, size: int, dev
         raise ValueError(f"{name}: {label} has {idx.numel()} entries but there are only {size} channels")
     if idx.device.type == "cpu" and idx.numel() > 0:
         if int(idx.min()) < 0 or int(idx.max()) >= size:
-            raise ValueError(f"{name}: {label} must lie in [0, {size}), got values in [{int(idx.min())}, {int(idx.max())}]")
+            lo, hi = int(idx.min()), int(idx.max())
+            raise ValueError(f"{name}: {label} must lie in [0, {size}), got values in [{lo}, {hi}]")
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise ValueError(f"{name}: {label} must be sorted and unique (as torch.unique returns it)")
 
@@ -85,7 +86,8 @@ def hash_histogram(
     if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"{name}: bits must be an int in [1, {MAX_BITS}], got {bits!r}")
     if not isinstance(planes, torch.Tensor) or planes.dim() != 4:
-        raise ValueError(f"{name}: expected planes of shape (L*bits, C, kh, kw), got {getattr(planes, 'shape', planes)}")
+        got = tuple(planes.shape) if isinstance(planes, torch.Tensor) else type(planes).__name__
+        raise ValueError(f"{name}: expected planes of shape (L*bits, C, kh, kw), got {got}")
     if planes.shape[0] == 0 or planes.shape[0] % bits:
         raise ValueError(f"{name}: planes.shape[0]={planes.shape[0]} must be a positive multiple of bits={bits}")
     if planes.shape[1] != x.shape[1]:

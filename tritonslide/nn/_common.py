@@ -66,7 +66,8 @@ def check_conv_input(layer: nn.Module, x: torch.Tensor) -> None:
         extent = layer.dilation[i] * (kernel[i] - 1) + 1
         if size + 2 * layer.padding[i] < extent:
             raise ValueError(
-                f"{who}: input {axis} {size} (+{2 * layer.padding[i]} padding) is smaller than the kernel extent {extent}"
+                f"{who}: input {axis} {size} (+{2 * layer.padding[i]} padding) is smaller than the kernel "
+                f"extent {extent}"
             )
 
 

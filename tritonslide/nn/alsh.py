@@ -166,7 +166,7 @@ class ALSHConv2d(nn.Module):
         Per table the ``top_buckets`` most frequent codes are taken (ties go to the lower code, so the choice is
         deterministic); a filter is active when its code in any table is among them. When fewer than
         ``min_active`` filters are active, the filters whose buckets collected the most query votes over all
-        tables are added.
+        tables are added (ties to the lower filter index).
         """
         n_tables, n_buckets = hist.shape
         cfg, codes = self.config, self.filter_codes
@@ -181,7 +181,7 @@ class ALSHConv2d(nn.Module):
             # min_active without a host round trip: already-active filters rank first, then by their votes.
             k = min(cfg.min_active, self.out_channels)
             votes = hist[rows, codes].sum(1).to(torch.float64) + active.to(torch.float64) * (hist.sum() + 1)
-            active[torch.topk(votes, k, sorted=False).indices] = True
+            active[torch.sort(votes, descending=True, stable=True).indices[:k]] = True  # ties: lower index
         return active.nonzero().squeeze(1)
 
     # ------------------------------------------------------------------ forward

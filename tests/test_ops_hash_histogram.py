@@ -1,0 +1,147 @@
+"""tritonslide.ops.hash_histogram against a plain loop over patches, and its statistics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tritonslide import ops
+
+
+def loop_reference(x, planes, bits, stride, padding, dilation, in_idx=None):
+    """Deliberately plain: pad, walk every output position, dot every patch with every plane, pack, count."""
+    x = x.double()
+    planes = planes.double()
+    if in_idx is not None:
+        mask = torch.zeros(x.shape[1], dtype=torch.float64)
+        mask[in_idx] = 1
+        x = x * mask.view(1, -1, 1, 1)
+    n, c, h, w = x.shape
+    kh, kw = planes.shape[2:]
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    n_tables = planes.shape[0] // bits
+    codes = torch.zeros(n, n_tables, ho, wo, dtype=torch.int64)
+    hist = torch.zeros(n_tables, 2**bits, dtype=torch.int64)
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                r0, c0 = i * stride[0], j * stride[1]
+                patch = xp[b, :, r0 : r0 + dilation[0] * (kh - 1) + 1 : dilation[0],
+                           c0 : c0 + dilation[1] * (kw - 1) + 1 : dilation[1]]
+                for t in range(n_tables):
+                    code = 0
+                    for k in range(bits):
+                        if float((planes[t * bits + k] * patch).sum()) >= 0:
+                            code += 1 << k
+                    codes[b, t, i, j] = code
+                    hist[t, code] += 1
+    return hist, codes
+
+
+CASES = [
+    # (N, C, H, W, L, bits, kh, kw, stride, padding, dilation)
+    (2, 3, 9, 7, 3, 5, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (1, 3, 23, 21, 2, 4, 11, 11, (4, 4), (2, 2), (1, 1)),
+    (2, 5, 10, 11, 3, 3, 5, 5, (2, 2), (2, 2), (1, 1)),
+    (3, 6, 6, 5, 4, 2, 1, 1, (1, 1), (0, 0), (1, 1)),
+    (1, 4, 12, 9, 2, 6, 3, 2, (2, 1), (1, 0), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
+@pytest.mark.parametrize("use_in_idx", [False, True])
+def test_codes_and_histogram_match_loop(case, use_in_idx):
+    n, c, h, w, n_tables, bits, kh, kw, stride, padding, dilation = case
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    planes = torch.randn(n_tables * bits, c, kh, kw, generator=gen, dtype=torch.float64)
+    in_idx = torch.arange(0, c, 2) if use_in_idx else None
+    hist, codes = ops.hash_histogram(x, planes, bits, stride, padding, dilation, in_idx=in_idx, return_codes=True)
+    ref_hist, ref_codes = loop_reference(x, planes, bits, stride, padding, dilation, in_idx)
+    assert hist.dtype == torch.int64 and codes.dtype == torch.int64
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(hist, ref_hist)
+    assert int(hist.sum()) == n_tables * codes[:, 0].numel()
+    assert torch.equal(ops.hash_histogram(x, planes, bits, stride, padding, dilation, in_idx=in_idx), hist)
+
+
+def test_in_idx_equals_zeroing_the_other_channels():
+    x = torch.randn(2, 8, 9, 9)
+    planes = torch.randn(10, 8, 3, 3)
+    in_idx = torch.tensor([0, 3, 4, 7])
+    zeroed = x.clone()
+    zeroed[:, [1, 2, 5, 6]] = 0
+    a = ops.hash_histogram(x, planes, 5, padding=1, in_idx=in_idx, return_codes=True)
+    b = ops.hash_histogram(zeroed, planes, 5, padding=1, return_codes=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_hash_in_float32(dtype):
+    """Rule: codes agree with the float64 loop except for projections within rounding of zero, which the
+    test excludes by construction (it compares only patches whose smallest |projection| exceeds 1e-2)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=gen).to(dtype)
+    planes = torch.randn(6, 4, 3, 3, generator=gen).to(dtype)
+    _, codes = ops.hash_histogram(x, planes, 3, padding=1, return_codes=True)
+    _, ref = loop_reference(x, planes, 3, (1, 1), (1, 1), (1, 1))
+    proj = F.conv2d(x.double(), planes.double(), padding=1).view(2, 2, 3, 8, 8).abs().amin(2)
+    safe = proj > 1e-2
+    assert safe.float().mean() > 0.9
+    assert torch.equal(codes[safe], ref[safe])
+
+
+def test_simhash_collision_probability():
+    """Hyperplane LSH (Charikar 2002; thesis 3.2.5): a random plane separates u and v with probability
+    angle(u, v) / pi. 4800 fixed-seed planes: the observed rate must lie within 4.5 binomial sigmas."""
+    gen = torch.Generator().manual_seed(7)
+    d = 24
+    u = torch.randn(d, generator=gen, dtype=torch.float64)
+    r = torch.randn(d, generator=gen, dtype=torch.float64)
+    for angle in (0.3, 1.0, 2.0):
+        r_perp = r - (r @ u) / (u @ u) * u
+        v = math.cos(angle) * u / u.norm() + math.sin(angle) * r_perp / r_perp.norm()
+        x = torch.stack([u, v], 1).view(1, d, 1, 2)  # two 1x1 patches
+        bits = 16
+        planes = torch.randn(300 * bits, d, 1, 1, generator=gen, dtype=torch.float64)
+        _, codes = ops.hash_histogram(x, planes, bits, return_codes=True)
+        differ = codes[0, :, 0, 0] ^ codes[0, :, 0, 1]
+        n_diff = sum(int(bin(int(c)).count("1")) for c in differ)
+        p = angle / math.pi
+        n = 300 * bits
+        assert abs(n_diff / n - p) < 4.5 * math.sqrt(p * (1 - p) / n), (angle, n_diff / n, p)
+
+
+def test_nan_and_inf_inputs_do_not_crash():
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 0, 2, 2] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    hist = ops.hash_histogram(x, torch.randn(10, 3, 3, 3), 5, padding=1)
+    assert int(hist.sum()) == 2 * 2 * 36
+
+
+def test_empty_batch_gives_zero_histogram():
+    hist, codes = ops.hash_histogram(torch.randn(0, 3, 6, 6), torch.randn(6, 3, 3, 3), 3, return_codes=True)
+    assert hist.shape == (2, 8) and int(hist.sum()) == 0 and codes.shape == (0, 2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"bits": 4}, ValueError, "multiple of bits"),
+        ({"bits": 0}, ValueError, "bits must be an int"),
+        ({"planes": torch.randn(10, 4, 3, 3)}, ValueError, "planes have 4 input channels"),
+        ({"planes": torch.randn(10, 3, 3)}, ValueError, "planes of shape"),
+        ({"x": torch.randn(3, 6, 6)}, ValueError, r"shape \(N, C, H, W\)"),
+        ({"in_idx": torch.tensor([5])}, ValueError, "in_idx must lie"),
+        ({"padding": -1}, ValueError, "padding"),
+    ],
+)
+def test_bad_input(kwargs, exc, match):
+    args = {"x": torch.randn(2, 3, 6, 6), "planes": torch.randn(10, 3, 3, 3), "bits": 5}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.hash_histogram(**args)
