@@ -275,3 +275,22 @@ def test_planes_are_standard_normal():
     assert abs(float(a.var()) - 1) < 5 * math.sqrt(2 / n)
     other = ALSHConv2d(64, 8, 5, config=ALSHConfig(tables=4, bits=4, m=2), seed=124)
     assert not torch.equal(layer.planes, other.planes)
+
+
+def test_steps_survive_a_state_dict_round_trip_and_drive_rebuilds():
+    src = ALSHConv2d(3, 8, 3, config=ALSHConfig(rebuild_every=2))
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(3):
+        src(x)
+    dst = ALSHConv2d(3, 8, 3, config=ALSHConfig(rebuild_every=2))
+    dst.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        dst.weight.mul_(-1)
+    dst(x)  # step 3: no rebuild
+    assert not torch.equal(dst.filter_codes, reference_filter_codes(dst))
+    dst(x)  # step 4: rebuild first
+    assert torch.equal(dst.filter_codes, reference_filter_codes(dst)) and int(dst.steps) == 5
+
+
+def test_stats_before_any_call_are_nan():
+    assert math.isnan(ALSHConv2d(3, 4, 3).stats().active_fraction)

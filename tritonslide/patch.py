@@ -18,6 +18,8 @@ from tritonslide.nn._common import conv_unconvertible_reason
 from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats
 
 FilterFn = Callable[[nn.Module, str], bool]
+# A config object of a registered method, its name ("alsh"), or None for ALSHConfig().
+ConfigLike = ALSHConfig | str | None
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ ZERO_PRESERVING: frozenset[type] = frozenset({
 })
 
 
-def _resolve_config(config):
+def _resolve_config(config: ConfigLike):
     if config is None:
         return ALSHConfig()
     if isinstance(config, str):
@@ -103,7 +105,7 @@ def _default_filter(model: nn.Module) -> FilterFn:
     return lambda module, fqn: fqn != first
 
 
-def patch(model: nn.Module, config=None, *, filter_fn: FilterFn | None = None) -> nn.Module:
+def patch(model: nn.Module, config: ConfigLike = None, *, filter_fn: FilterFn | None = None) -> nn.Module:
     """Swap the convolutions of ``model`` for tritonslide layers, in place; returns ``model``.
 
     ``config``: a config object or a method name (``"alsh"``); None means ``ALSHConfig()``. By default every
@@ -236,7 +238,9 @@ class TrainAndReplace:
     (default: every conv but the first).
     """
 
-    def __init__(self, model: nn.Module, config=None, gap: int = 1, *, filter_fn: FilterFn | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: ConfigLike = None, gap: int = 1, *, filter_fn: FilterFn | None = None
+    ) -> None:
         if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
             raise ValueError(f"TrainAndReplace: gap must be an int >= 1, got {gap!r}")
         self.model, self.config, self.gap = model, _resolve_config(config), gap

@@ -41,7 +41,7 @@ class ALSHLayerStats:
     """Running statistics of one ALSH layer since the last reset (``tritonslide.stats``)."""
 
     calls: int
-    active_fraction: float  # mean over calls of |active set| / out_channels
+    active_fraction: float  # mean over calls of |active set| / out_channels; NaN before the first call
     bucket_max: float  # max over buckets of the mean bucket size (queries per code), Table 5.5
     bucket_std: float  # std of the mean bucket sizes within a table, averaged over tables, Table 5.5
     mean_bucket_sizes: torch.Tensor  # (L, 2**K) mean number of query patches per code and call
@@ -49,6 +49,11 @@ class ALSHLayerStats:
 
 class ALSHConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` (groups=1, zero padding) that computes only the filters ALSH selects.
+
+    The active set is chosen per batch from the histogram of the whole batch's patches (as in the thesis), in
+    eval mode too: a sample's output depends on the other samples of its batch and on the batch size. Tables
+    follow the weights only when rebuilt (``rebuild_every``, ``tritonslide.rebuild_tables``): with
+    ``rebuild_every=n`` the re-hash happens at the start of every n-th training forward, before hashing.
 
     Buffers (moved by ``.to()``, saved in ``state_dict``): ``planes`` (L*K, C, kh, kw), the query part of the
     random hyperplanes; ``planes_extra`` (L*K, m), their components on the m coordinates P appends;
@@ -94,6 +99,7 @@ class ALSHConv2d(nn.Module):
         self.register_buffer("planes_extra", planes[:, d:].to(device=device))
         self.register_buffer("filter_codes", torch.zeros(out_channels, config.tables, dtype=torch.int64, device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._host_steps: int | None = 0  # mirror of `steps`: reading a CUDA buffer every step would sync
         # statistics: not needed to reproduce an output, so not saved
         self.register_buffer("stat_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("stat_active", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
@@ -204,10 +210,13 @@ class ALSHConv2d(nn.Module):
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
             return y.squeeze(0) if unbatched else y
         if self.training:
+            if self._host_steps is None:  # after load_state_dict: read the loaded buffer once
+                self._host_steps = int(self.steps)
             every = self.config.rebuild_every
-            if every is not None and int(self.steps) > 0 and int(self.steps) % every == 0:
+            if every is not None and self._host_steps > 0 and self._host_steps % every == 0:
                 self.rebuild_tables()
             self.steps += 1
+            self._host_steps += 1
         with torch.no_grad():
             hist = ops.hash_histogram(
                 x.detach(), self.planes, self.config.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
@@ -227,7 +236,7 @@ class ALSHConv2d(nn.Module):
         mean_hist = self.stat_hist / max(calls, 1)
         return ALSHLayerStats(
             calls=calls,
-            active_fraction=float(self.stat_active) / max(calls, 1),
+            active_fraction=float(self.stat_active) / calls if calls else float("nan"),
             bucket_max=float(mean_hist.max()),
             bucket_std=float(mean_hist.std(dim=1, unbiased=False).mean()),
             mean_bucket_sizes=mean_hist.cpu(),
@@ -240,6 +249,10 @@ class ALSHConv2d(nn.Module):
 
     def output_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
         return (n, self.out_channels, *conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation))
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_steps = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": _STATE_FORMAT, "config": self.config.to_dict()}
