@@ -6,5 +6,19 @@ Pure PyTorch: this package never imports Triton, so it runs on small devices tha
 
 from tritonslide.cpu_fallback.active_conv2d import torch_active_conv2d, torch_active_conv2d_backward
 from tritonslide.cpu_fallback.hash_histogram import torch_hash_histogram
+from tritonslide.cpu_fallback.sketch import (
+    torch_sketch_conv2d,
+    torch_sketch_conv2d_backward,
+    torch_sketch_linear,
+    torch_sketch_linear_backward,
+)
 
-__all__ = ["torch_active_conv2d", "torch_active_conv2d_backward", "torch_hash_histogram"]
+__all__ = [
+    "torch_active_conv2d",
+    "torch_active_conv2d_backward",
+    "torch_hash_histogram",
+    "torch_sketch_conv2d",
+    "torch_sketch_conv2d_backward",
+    "torch_sketch_linear",
+    "torch_sketch_linear_backward",
+]

@@ -22,6 +22,10 @@ _PLANNED = {
     "hash_histogram": ("hash_histogram", 4),
     "active_conv2d": ("active_conv2d", 5),
     "active_conv2d_backward": ("active_conv2d", 5),
+    "sketch_conv2d": ("sketch", 6),
+    "sketch_conv2d_backward": ("sketch", 6),
+    "sketch_linear": ("sketch", 6),
+    "sketch_linear_backward": ("sketch", 6),
 }
 
 # Ops whose Triton launcher exists in this package. Empty until the kernel issues (#4, #5, #6) land.

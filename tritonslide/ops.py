@@ -14,7 +14,15 @@ from torch.nn.modules.utils import _pair
 
 from tritonslide import kernels
 from tritonslide._backend import resolve_backend
-from tritonslide.cpu_fallback import torch_active_conv2d, torch_active_conv2d_backward, torch_hash_histogram
+from tritonslide.cpu_fallback import (
+    torch_active_conv2d,
+    torch_active_conv2d_backward,
+    torch_hash_histogram,
+    torch_sketch_conv2d,
+    torch_sketch_conv2d_backward,
+    torch_sketch_linear,
+    torch_sketch_linear_backward,
+)
 
 IntPair = int | Sequence[int]
 
@@ -160,4 +168,131 @@ def active_conv2d(
     return ActiveConv2dFunction.apply(x, weight, bias, out_idx, in_idx, stride, padding, dilation, backend)
 
 
-__all__ = ["active_conv2d", "hash_histogram", "ActiveConv2dFunction"]
+def _check_factor(name: str, label: str, t, x: torch.Tensor, dims: int, expected: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != dims:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected {label} of shape {expected}, got {got}")
+    if t.dtype != x.dtype or t.device != x.device:
+        raise TypeError(f"{name}: {label} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+
+
+def _check_bias(name: str, bias, o: int, x: torch.Tensor) -> None:
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (o,) or bias.dtype != x.dtype):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{name}: expected bias of shape ({o},) and dtype {x.dtype}, got {got}")
+
+
+class SketchConv2dFunction(torch.autograd.Function):
+    """Autograd of :func:`sketch_conv2d`; keeps ``z = conv(x, A)`` (N, r, H', W') for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, bias, out_idx, stride, padding, dilation, backend):
+        fwd = kernels.get_kernel("sketch_conv2d") if backend == "triton" else torch_sketch_conv2d
+        y, z = fwd(x, a, b, bias, out_idx, stride, padding, dilation)
+        ctx.save_for_backward(x, a, b, z, out_idx)
+        ctx.conf = (bias is not None, stride, padding, dilation, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, a, b, z, out_idx = ctx.saved_tensors
+        has_bias, stride, padding, dilation, backend = ctx.conf
+        bwd = kernels.get_kernel("sketch_conv2d_backward") if backend == "triton" else torch_sketch_conv2d_backward
+        grads = bwd(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilation, tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None, None, None, None)
+
+
+def sketch_conv2d(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """Sketch-then-unsketch convolution: ``y = conv2d(conv2d(x, A), B[:, :, None, None]) + bias``.
+
+    ``A``: (r, C, kh, kw), ``B``: (O, r). Equals ``conv2d(x, (B @ A.flatten(1)).view(O, C, kh, kw), bias)`` without
+    forming that weight (Kasiviswanathan et al., eq. 2: every SK-CONV term is one such chain, the terms
+    concatenated along r). Only the rows ``out_idx`` of ``B`` are computed; other output channels are zero and
+    get zero gradients in ``B`` and ``bias`` (as in :func:`active_conv2d`). Differentiable in x, A, B and bias.
+    """
+    name = "tritonslide.ops.sketch_conv2d"
+    _check_x(name, x)
+    stride, padding, dilation = _conv_args(name, stride, padding, dilation)
+    _check_factor(name, "A", a, x, 4, "(r, C, kh, kw)")
+    _check_factor(name, "B", b, x, 2, "(O, r)")
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: A expects {a.shape[1]} input channels but x has {x.shape[1]}")
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(f"{name}: B has {b.shape[1]} columns but A has r={a.shape[0]} rows")
+    _check_bias(name, bias, b.shape[0], x)
+    _check_index(name, "out_idx", out_idx, b.shape[0], x.device)
+    for i, label in ((0, "height"), (1, "width")):
+        extent = dilation[i] * (a.shape[2 + i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding[i] < extent:
+            raise ValueError(f"{name}: input {label} {x.shape[2 + i]} (padded {x.shape[2 + i] + 2 * padding[i]}) "
+                             f"is smaller than the dilated kernel extent {extent}")
+    backend = resolve_backend("sketch_conv2d", x)
+    return SketchConv2dFunction.apply(x, a, b, bias, out_idx, stride, padding, dilation, backend)
+
+
+class SketchLinearFunction(torch.autograd.Function):
+    """Autograd of :func:`sketch_linear`; keeps ``z = x A^T`` for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, bias, out_idx, backend):
+        fwd = kernels.get_kernel("sketch_linear") if backend == "triton" else torch_sketch_linear
+        y, z = fwd(x, a, b, bias, out_idx)
+        ctx.save_for_backward(x, a, b, z, out_idx)
+        ctx.conf = (bias is not None, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, a, b, z, out_idx = ctx.saved_tensors
+        has_bias, backend = ctx.conf
+        bwd = kernels.get_kernel("sketch_linear_backward") if backend == "triton" else torch_sketch_linear_backward
+        grads = bwd(grad_y, x, a, b, z, has_bias, out_idx, tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None)
+
+
+def sketch_linear(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sketch-then-unsketch linear map: ``y = (x A^T) B^T + bias`` with A (r, in), B (out, r), x (..., in).
+
+    Equals ``F.linear(x, B @ A, bias)`` without forming ``B @ A`` (SK-FC, Kasiviswanathan et al., eq. 4). Only
+    the rows ``out_idx`` of ``B`` are computed; other outputs are zero. Differentiable in x, A, B and bias.
+    """
+    name = "tritonslide.ops.sketch_linear"
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name}: expected a floating-point x of shape (..., in), got {got}")
+    _check_factor(name, "A", a, x, 2, "(r, in)")
+    _check_factor(name, "B", b, x, 2, "(out, r)")
+    if a.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name}: A expects {a.shape[1]} input features but x has {x.shape[-1]}")
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(f"{name}: B has {b.shape[1]} columns but A has r={a.shape[0]} rows")
+    _check_bias(name, bias, b.shape[0], x)
+    _check_index(name, "out_idx", out_idx, b.shape[0], x.device)
+    backend = resolve_backend("sketch_linear", x)
+    return SketchLinearFunction.apply(x, a, b, bias, out_idx, backend)
+
+
+__all__ = [
+    "ActiveConv2dFunction",
+    "SketchConv2dFunction",
+    "SketchLinearFunction",
+    "active_conv2d",
+    "hash_histogram",
+    "sketch_conv2d",
+    "sketch_linear",
+]
