@@ -83,4 +83,130 @@ class ALSHConfig(_ConfigBase):
         return self.top_buckets >= 1 << self.bits
 
 
-__all__ = ["ALSHConfig"]
+
+def _check_choice(cls: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{cls}.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SketchConfig(_ConfigBase):
+    """Tensor sketching: SK-CONV / SK-FC (Kasiviswanathan et al., shared/papers/004, Def. 1-4, eq. 1, 2, 4).
+
+    k: sketch size. pairs (l): number of independent sketch pairs averaged.
+    mode: ``"output"`` keeps the terms ``S1 x_4 U1^T`` (the output side sketched, mat(S1) = mat(K) U1^T),
+        ``"input"`` the terms ``S2 (.) U2^T`` (the input side sketched, mat(S2) = U2 mat(K)), ``"both"`` both, as
+        in eq. 1 / 4 (scale ``1 / (2 l)``; ``1 / l`` with one mode).
+    distribution: of the fixed random matrices: ``"sign"`` is Def. 1 (``Z / sqrt(k)``, entries +-1);
+        ``"uniform"`` is CNN-SLIDE's ``U(-1, 1)`` (shared/papers/000, sec. 4.2), scaled by ``sqrt(3 / k)`` so that
+        ``E[U^T U] = I`` as well, which keeps the estimator unbiased. CNN-SLIDE's sketch conv with ``s`` sketches
+        of width ``k`` is ``SketchConfig(k=k, pairs=s, mode="output", distribution="uniform")``.
+    seed: seed of the random matrices (each patched layer mixes in its qualified name).
+    """
+
+    k: int = 16
+    pairs: int = 1
+    mode: str = "both"
+    distribution: str = "sign"
+    seed: int = 0
+
+    method: ClassVar[str] = "sketch"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _check_int(name, "k", self.k, 1)
+        _check_int(name, "pairs", self.pairs, 1)
+        _check_choice(name, "mode", self.mode, ("output", "input", "both"))
+        _check_choice(name, "distribution", self.distribution, ("sign", "uniform"))
+        _check_int(name, "seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class MILFConfig(_ConfigBase):
+    """CNN-SLIDE / MILF (shared/papers/000, sec. 4.3): ALSH filter selection on a sketched convolution.
+
+    sketch: the sketch layer's config; the default is CNN-SLIDE's own sketch conv (sec. 4.2: output side, uniform
+        random matrices). alsh: the ALSH tables and selection (sec. 4.1, Feeney 2019).
+    """
+
+    sketch: SketchConfig = SketchConfig(k=16, pairs=1, mode="output", distribution="uniform")
+    alsh: ALSHConfig = ALSHConfig()
+
+    method: ClassVar[str] = "milf"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sketch, SketchConfig):
+            raise TypeError(f"MILFConfig.sketch must be a SketchConfig, got {type(self.sketch).__name__}")
+        if not isinstance(self.alsh, ALSHConfig):
+            raise TypeError(f"MILFConfig.alsh must be an ALSHConfig, got {type(self.alsh).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "sketch": self.sketch.to_dict(), "alsh": self.alsh.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MILFConfig":
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"MILFConfig.from_dict: got a config of method {method!r}, expected 'milf'")
+        return cls(
+            sketch=SketchConfig.from_dict(data.get("sketch", {})), alsh=ALSHConfig.from_dict(data.get("alsh", {}))
+        )
+
+
+@dataclass(frozen=True)
+class LowRankConfig(_ConfigBase):
+    """Rank-N filter approximation (Jaladi, shared/papers/002, sec. VI-IX).
+
+    scheme ``"filter"``: every 2-D filter slice ``W[o, c]`` replaced by its best rank-``rank`` approximation
+        (truncated SVD, Eckart-Young), computed as separable vertical-then-horizontal convolutions; equal to the
+        dense conv at full rank (``rank >= min(kh, kw)``).
+    scheme ``"channel"``: ``rank`` separable basis filters shared across channels: a vertical conv C -> rank
+        (kh x 1), then a horizontal conv rank -> O (1 x kw), with weights from the SVD of the kernel reshaped to
+        (C*kh) x (O*kw); the form that is cheaper than the dense conv on ordinary layers.
+    ``rank`` is capped at each layer's full rank (where the layer is exact).
+    """
+
+    rank: int = 8
+    scheme: str = "channel"
+
+    method: ClassVar[str] = "lowrank"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _check_int(name, "rank", self.rank, 1)
+        _check_choice(name, "scheme", self.scheme, ("filter", "channel"))
+
+
+@dataclass(frozen=True)
+class CSGConfig(_ConfigBase):
+    """Associative convolution with a Convolutional Slice Generator (Omidvar et al., shared/papers/003, 3.1-3.2).
+
+    slice_shape: (out, in, kh, kw) of one generated slice; a layer's kernel is tiled by slices, partial slices
+        covering channel counts the slice shape does not divide. code_size: length of each slice's code vector.
+    freeze_generator: keep the shared generator A_CSG fixed (a pre-trained generator, sec. 4.3).
+    seed: seed of the generator's initialization.
+    """
+
+    slice_shape: tuple[int, int, int, int] = (16, 16, 3, 3)
+    code_size: int = 128
+    freeze_generator: bool = False
+    seed: int = 0
+
+    method: ClassVar[str] = "csg"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        shape = tuple(self.slice_shape) if isinstance(self.slice_shape, (tuple, list)) else self.slice_shape
+        if not isinstance(shape, tuple) or len(shape) != 4:
+            raise ValueError(f"{name}.slice_shape must be 4 ints (out, in, kh, kw), got {self.slice_shape!r}")
+        for i, v in enumerate(shape):
+            _check_int(name, f"slice_shape[{i}]", v, 1)
+        object.__setattr__(self, "slice_shape", shape)  # lists from a dict round trip become a tuple
+        _check_int(name, "code_size", self.code_size, 1)
+        if not isinstance(self.freeze_generator, bool):
+            raise TypeError(f"{name}.freeze_generator must be a bool, got {self.freeze_generator!r}")
+        _check_int(name, "seed", self.seed, 0)
+
+
+__all__ = ["ALSHConfig", "CSGConfig", "LowRankConfig", "MILFConfig", "SketchConfig"]

@@ -8,51 +8,23 @@ working), and nothing is monkey-patched globally.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
+import tritonslide.nn  # noqa: F401 - importing the layers registers their methods
+from tritonslide._registry import METHODS, MethodSpec, is_tritonslide_layer
 from tritonslide.configs import ALSHConfig
-from tritonslide.nn._common import conv_unconvertible_reason
-from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats
+from tritonslide.nn.alsh import ALSHLayerStats, ALSHSelector
 
 FilterFn = Callable[[nn.Module, str], bool]
-# A config object of a registered method, its name ("alsh"), or None for ALSHConfig().
-ConfigLike = ALSHConfig | str | None
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How ``patch`` applies one method: its config class and the layer class whose ``from_dense`` converts."""
-
-    name: str
-    config_cls: type
-    layer_cls: type
-    # modules the method converts; anything else is left alone silently
-    targets: tuple[type, ...]
-    # why a target cannot be converted, or None
-    unconvertible_reason: Callable[[nn.Module], str | None]
-
-
-_METHODS: dict[str, MethodSpec] = {}
-
-
-def register_method(spec: MethodSpec) -> None:
-    """Register a method so that ``patch(model, spec.name)`` and ``patch(model, spec.config_cls(...))`` work."""
-    _METHODS[spec.name] = spec
+# A config object of a registered method, its name ("alsh", "sketch", ...), or None for ALSHConfig().
+ConfigLike = Any
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    return sorted(METHODS)
 
-
-register_method(
-    MethodSpec("alsh", ALSHConfig, ALSHConv2d, (nn.Conv2d, nn.ConvTranspose2d), conv_unconvertible_reason)
-)
-
-# The types of every tritonslide layer that patch produces (unpatch turns them back).
-_LAYER_TYPES: tuple[type, ...] = (ALSHConv2d,)
 
 # Modules that map a zero channel to a zero channel and never mix channels, so an ALSH layer after them can read
 # only the previous ALSH layer's active channels (Alg. 6). Exact types only: a subclass may override forward.
@@ -68,11 +40,11 @@ def _resolve_config(config: ConfigLike):
     if config is None:
         return ALSHConfig()
     if isinstance(config, str):
-        spec = _METHODS.get(config.lower())
+        spec = METHODS.get(config.lower())
         if spec is None:
             raise ValueError(f"tritonslide.patch: unknown method {config!r}; available: {available_methods()}")
         return spec.config_cls()
-    for spec in _METHODS.values():
+    for spec in METHODS.values():
         if isinstance(config, spec.config_cls):
             return config
     raise TypeError(
@@ -82,11 +54,12 @@ def _resolve_config(config: ConfigLike):
 
 
 def _spec_for(config) -> MethodSpec:
-    return next(s for s in _METHODS.values() if isinstance(config, s.config_cls))
+    return next(s for s in METHODS.values() if isinstance(config, s.config_cls))
 
 
 def _is_conv_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d) + _LAYER_TYPES)
+    """Dense convolutions and the tritonslide layers that replace them (``replaces`` class attribute)."""
+    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) or getattr(type(module), "replaces", None) is nn.Conv2d
 
 
 def _first_conv_name(model: nn.Module) -> str | None:
@@ -108,9 +81,10 @@ def _default_filter(model: nn.Module) -> FilterFn:
 def patch(model: nn.Module, config: ConfigLike = None, *, filter_fn: FilterFn | None = None) -> nn.Module:
     """Swap the convolutions of ``model`` for tritonslide layers, in place; returns ``model``.
 
-    ``config``: a config object or a method name (``"alsh"``); None means ``ALSHConfig()``. By default every
-    ``nn.Conv2d`` except the first one of the model is converted; ``filter_fn(module, qualified_name) -> bool``
-    overrides that choice. Layers already converted are left as they are, so patching twice changes nothing.
+    ``config``: a config object or a method name (``"alsh"``, ``"sketch"``, ``"milf"``, ``"lowrank"``, ``"csg"``);
+    None means ``ALSHConfig()``. By default every module the method converts (``nn.Conv2d``; ``nn.Linear`` too
+    for sketching) except the first convolution of the model is converted; ``filter_fn(module, qualified_name)
+    -> bool`` overrides that choice. Layers already converted are left as they are, so patching twice changes nothing.
     Targets that cannot be converted (groups > 1, non-zero padding modes, transposed convolutions) stay dense and
     are listed in one warning. Consecutive ALSH layers inside an ``nn.Sequential`` separated only by
     zero-preserving modules are linked for last-active-set sharing. When ``model`` itself is a convolution the
@@ -120,16 +94,18 @@ def patch(model: nn.Module, config: ConfigLike = None, *, filter_fn: FilterFn | 
     spec = _spec_for(config)
     keep = filter_fn if filter_fn is not None else _default_filter(model)
     skipped: list[str] = []
+    context = spec.make_context(model, config) if spec.make_context is not None else None
     for fqn, module in list(model.named_modules()):  # a copy: the tree changes below
-        if isinstance(module, _LAYER_TYPES) or not isinstance(module, spec.targets):
+        layer_cls = spec.layer_for(module)
+        if is_tritonslide_layer(module) or layer_cls is None:
             continue
         if not keep(module, fqn):
             continue
-        reason = spec.unconvertible_reason(module)
+        reason = spec.unconvertible_reason(module, config)
         if reason is not None:
             skipped.append(f"{fqn or '<model>'} ({reason})")
             continue
-        new = spec.layer_cls.from_dense(module, config, name=fqn)
+        new = layer_cls.from_dense(module, config, name=fqn, context=context)
         if fqn == "":
             model = new
         else:
@@ -145,10 +121,10 @@ def patch(model: nn.Module, config: ConfigLike = None, *, filter_fn: FilterFn | 
 def unpatch(model: nn.Module) -> nn.Module:
     """Turn every tritonslide layer back into its dense module with the same Parameters; returns ``model``."""
     _unlink_all(model)
-    if isinstance(model, _LAYER_TYPES):
+    if is_tritonslide_layer(model):
         return model.to_dense()
     for fqn, module in list(model.named_modules()):
-        if isinstance(module, _LAYER_TYPES):
+        if is_tritonslide_layer(module) and fqn:
             _set_submodule(model, fqn, module.to_dense())
     return model
 
@@ -157,13 +133,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 def _clear_published(module: nn.Module, args) -> None:
     """Forward pre-hook of a linked nn.Sequential: no active set from an earlier call is ever read."""
     for child in module.children():
-        if isinstance(child, ALSHConv2d):
+        if isinstance(child, ALSHSelector):
             child._published_active = None
 
 
 def _unlink_all(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, ALSHConv2d):
+        if isinstance(module, ALSHSelector):
             object.__setattr__(module, "_share_source", None)
             module._publish = False
             module._published_active = None
@@ -184,10 +160,10 @@ def link_active_sets(model: nn.Module) -> list[tuple[str, str]]:
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        prev: ALSHConv2d | None = None
+        prev: ALSHSelector | None = None
         linked_here = False
         for child in seq.children():
-            if isinstance(child, ALSHConv2d):
+            if isinstance(child, ALSHSelector):
                 if (
                     prev is not None
                     and child.config.share_active_set
@@ -211,7 +187,7 @@ def rebuild_tables(model: nn.Module) -> int:
     """Re-hash the filters of every ALSH layer (the thesis did it once per epoch); returns how many."""
     count = 0
     for module in model.modules():
-        if hasattr(module, "rebuild_tables") and isinstance(module, _LAYER_TYPES):
+        if isinstance(module, ALSHSelector):
             module.rebuild_tables()
             count += 1
     return count
@@ -219,12 +195,12 @@ def rebuild_tables(model: nn.Module) -> int:
 
 def stats(model: nn.Module) -> dict[str, ALSHLayerStats]:
     """Per ALSH layer (by qualified name): calls, running mean active fraction, bucket max and std (Table 5.5)."""
-    return {name: m.stats() for name, m in model.named_modules() if isinstance(m, ALSHConv2d)}
+    return {name: m.stats() for name, m in model.named_modules() if isinstance(m, ALSHSelector)}
 
 
 def reset_stats(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, ALSHConv2d):
+        if isinstance(module, ALSHSelector):
             module.reset_stats()
 
 
@@ -252,8 +228,8 @@ class TrainAndReplace:
         spec = _spec_for(self.config)
         names = [
             fqn for fqn, m in self.model.named_modules()
-            if isinstance(m, spec.targets) and not isinstance(m, _LAYER_TYPES)
-            and self.filter_fn(m, fqn) and spec.unconvertible_reason(m) is None
+            if spec.layer_for(m) is not None and not is_tritonslide_layer(m)
+            and self.filter_fn(m, fqn) and spec.unconvertible_reason(m, self.config) is None
         ]
         return names[::-1]
 

@@ -1,5 +1,5 @@
 """tritonslide layers. Each has ``from_dense(module, config)``; ``tritonslide.patch`` swaps them in."""
 
-from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats
+from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats, ALSHSelector
 
-__all__ = ["ALSHConv2d", "ALSHLayerStats"]
+__all__ = ["ALSHConv2d", "ALSHLayerStats", "ALSHSelector"]

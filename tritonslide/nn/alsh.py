@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from tritonslide import ops
+from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import ALSHConfig
 from tritonslide.nn._common import (
     check_conv_input,
@@ -47,121 +48,93 @@ class ALSHLayerStats:
     mean_bucket_sizes: torch.Tensor  # (L, 2**K) mean number of query patches per code and call
 
 
-class ALSHConv2d(nn.Module):
-    """Drop-in for ``nn.Conv2d`` (groups=1, zero padding) that computes only the filters ALSH selects.
+class ALSHSelector(nn.Module):
+    """The ALSH machinery of every layer that picks its active filters by hashing (ALSHConv2d, MILFConv2d).
+
+    Subclasses call :meth:`_init_alsh` in ``__init__``, provide :meth:`filter_matrix` (the (O, C*kh*kw) filters
+    the tables index) and call :meth:`active_filters` in ``forward``. Buffers (moved by ``.to()``, saved in
+    ``state_dict``): ``planes`` (L*K, C, kh, kw), the query part of the random hyperplanes; ``planes_extra``
+    (L*K, m), their components on the m coordinates P appends; ``filter_codes`` (O, L) int64, each filter's
+    bucket per table; ``steps``, the training forwards seen (drives ``rebuild_every``). The config (``self.config``)
+    travels as the module's extra state and is checked when a state_dict loads.
 
     The active set is chosen per batch from the histogram of the whole batch's patches (as in the thesis), in
     eval mode too: a sample's output depends on the other samples of its batch and on the batch size. Tables
     follow the weights only when rebuilt (``rebuild_every``, ``tritonslide.rebuild_tables``): with
     ``rebuild_every=n`` the re-hash happens at the start of every n-th training forward, before hashing.
-
-    Buffers (moved by ``.to()``, saved in ``state_dict``): ``planes`` (L*K, C, kh, kw), the query part of the
-    random hyperplanes; ``planes_extra`` (L*K, m), their components on the m coordinates P appends;
-    ``filter_codes`` (O, L) int64, each filter's bucket per table; ``steps``, the training forwards seen (drives
-    ``rebuild_every``). The config travels as the module's extra state and is checked when a state_dict loads.
     """
 
-    def __init__(
+    config: Any
+
+    def _init_alsh(
         self,
         in_channels: int,
         out_channels: int,
         kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        bias: bool = True,
-        config: ALSHConfig | None = None,
-        *,
-        seed: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        _init_weights: bool = True,
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int],
+        dilation: int | tuple[int, int],
+        alsh_config: ALSHConfig,
+        seed: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
     ) -> None:
-        super().__init__()
-        config = ALSHConfig() if config is None else config
-        if not isinstance(config, ALSHConfig):
-            raise TypeError(f"ALSHConv2d: expected an ALSHConfig, got {type(config).__name__}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride = tuple(_pair(kernel_size)), tuple(_pair(stride))
         self.padding, self.dilation = tuple(_pair(padding)), tuple(_pair(dilation))
-        self.config = config
+        self.alsh_config = alsh_config
         self._name = ""
+        n_planes, d = alsh_config.tables * alsh_config.bits, in_channels * self.kernel_size[0] * self.kernel_size[1]
+        gen = torch.Generator().manual_seed(seed)
+        planes = torch.randn(n_planes, d + alsh_config.m, generator=gen, dtype=torch.float32)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        if _init_weights:  # the same initialization as nn.Conv2d
-            nn.Conv2d.reset_parameters(self)
-
-        n_planes, d = config.tables * config.bits, in_channels * self.kernel_size[0] * self.kernel_size[1]
-        gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
-        planes = torch.randn(n_planes, d + config.m, generator=gen, dtype=torch.float32)
         self.register_buffer("planes", planes[:, :d].reshape(n_planes, in_channels, *self.kernel_size).to(**factory))
         self.register_buffer("planes_extra", planes[:, d:].to(device=device))
-        self.register_buffer("filter_codes", torch.zeros(out_channels, config.tables, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "filter_codes", torch.zeros(out_channels, alsh_config.tables, dtype=torch.int64, device=device)
+        )
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
         self._host_steps: int | None = 0  # mirror of `steps`: reading a CUDA buffer every step would sync
         # statistics: not needed to reproduce an output, so not saved
         self.register_buffer("stat_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("stat_active", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
         self.register_buffer(
-            "stat_hist", torch.zeros(config.tables, 1 << config.bits, dtype=torch.float64, device=device),
+            "stat_hist", torch.zeros(alsh_config.tables, 1 << alsh_config.bits, dtype=torch.float64, device=device),
             persistent=False,
         )
         # last-active-set sharing, set up by tritonslide.patch (plain attributes: not submodules, not state)
         object.__setattr__(self, "_share_source", None)
         self._publish = False
         self._published_active: torch.Tensor | None = None
-        self.rebuild_tables()
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, config: ALSHConfig | None = None, *, name: str = "") -> "ALSHConv2d":
-        """Wrap a trained ``nn.Conv2d``: its weight and bias Parameters are reused (an optimizer holding them
-        keeps working) and the filters are hashed into fresh tables. ``name`` (the qualified name ``patch``
-        passes) is mixed into the seed so that layers get independent hyperplanes."""
-        config = ALSHConfig() if config is None else config
-        reason = conv_unconvertible_reason(conv)
-        if reason is not None:
-            raise ValueError(f"ALSHConv2d.from_dense({name or type(conv).__name__}): cannot convert: {reason}")
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
-            conv.dilation, conv.bias is not None, config, seed=layer_seed(config.seed, name),
-            device=conv.weight.device, dtype=conv.weight.dtype, _init_weights=False,
-        )
-        layer.weight = conv.weight
-        if conv.bias is not None:
-            layer.bias = conv.bias
-        layer._name = name
-        layer.rebuild_tables()
-        return layer
-
-    def to_dense(self) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (all filters, same Parameters)."""
-        return dense_conv_like(self, self.weight, self.bias)
+    def filter_matrix(self) -> torch.Tensor:
+        """(O, C*kh*kw) flattened filters that the tables index."""
+        raise NotImplementedError(f"{type(self).__name__} must define filter_matrix()")
 
     def display_name(self) -> str:
-        return f"ALSHConv2d '{self._name}'" if self._name else f"ALSHConv2d({self.in_channels}->{self.out_channels})"
+        cls = type(self).__name__
+        return f"{cls} '{self._name}'" if self._name else f"{cls}({self.in_channels}->{self.out_channels})"
 
     # ------------------------------------------------------------------ tables
     @torch.no_grad()
     def filter_projections(self) -> torch.Tensor:
         """(O, L*K) projections of ``P(w)`` of every flattened, U-scaled filter on the hyperplanes."""
-        w = self.weight.detach().float().flatten(1)
-        scale = self.config.norm_bound / w.norm(dim=1).max().clamp_min(torch.finfo(torch.float32).tiny)
-        w = w * scale
+        cfg = self.alsh_config
+        w = self.filter_matrix().detach().float()
+        w = w * (cfg.norm_bound / w.norm(dim=1).max().clamp_min(torch.finfo(torch.float32).tiny))
         proj = w @ self.planes.float().flatten(1).T
-        if self.config.m:
+        if cfg.m:
             sq = (w * w).sum(1)
             # P appends 1/2 - ||w||^(2^i), i = 1..m: ||w||^2, ||w||^4, ... are repeated squarings of ||w||^2.
-            tail = [0.5 - sq ** (1 << i) for i in range(self.config.m)]
+            tail = [0.5 - sq ** (1 << i) for i in range(cfg.m)]
             proj = proj + torch.stack(tail, 1) @ self.planes_extra.float().T
         return proj
 
     @torch.no_grad()
     def rebuild_tables(self) -> None:
         """Re-hash every filter into the L tables (the pre-pass, Alg. 3). Call after weights change."""
-        bits = self.config.bits
-        signs = (self.filter_projections() >= 0).view(self.out_channels, self.config.tables, bits)
+        bits = self.alsh_config.bits
+        signs = (self.filter_projections() >= 0).view(self.out_channels, self.alsh_config.tables, bits)
         weights = 1 << torch.arange(bits, device=signs.device, dtype=torch.int64)
         self.filter_codes.copy_((signs.to(torch.int64) * weights).sum(-1))
 
@@ -175,7 +148,7 @@ class ALSHConv2d(nn.Module):
         tables are added (ties to the lower filter index).
         """
         n_tables, n_buckets = hist.shape
-        cfg, codes = self.config, self.filter_codes
+        cfg, codes = self.alsh_config, self.filter_codes
         rows = torch.arange(n_tables, device=hist.device)
         if cfg.top_buckets >= n_buckets:
             active = torch.ones(self.out_channels, dtype=torch.bool, device=hist.device)
@@ -190,36 +163,31 @@ class ALSHConv2d(nn.Module):
             active[torch.sort(votes, descending=True, stable=True).indices[:k]] = True  # ties: lower index
         return active.nonzero().squeeze(1)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ one ALSH step
     def _shared_in_idx(self) -> torch.Tensor | None:
         source = self._share_source
-        if source is None or not self.config.share_active_set:
+        if source is None or not self.alsh_config.share_active_set:
             return None
         idx, source._published_active = source._published_active, None  # consumed: never reused stale
         if idx is None or idx.numel() == self.in_channels:
             return None
         return idx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        check_conv_input(self, x)
-        in_idx = self._shared_in_idx()
-        if x.shape[0] == 0:
-            y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
-            return y.squeeze(0) if unbatched else y
+    def active_filters(self, x: torch.Tensor, in_idx: torch.Tensor | None) -> torch.Tensor:
+        """One ALSH step on a non-empty batch: rebuild the tables when due (training), hash every patch of ``x``
+        (reading only ``in_idx``), select the active set, record statistics and publish the set to a linked
+        consumer. Returns the sorted active filter indices."""
+        cfg = self.alsh_config
         if self.training:
             if self._host_steps is None:  # after load_state_dict: read the loaded buffer once
                 self._host_steps = int(self.steps)
-            every = self.config.rebuild_every
-            if every is not None and self._host_steps > 0 and self._host_steps % every == 0:
+            if cfg.rebuild_every is not None and self._host_steps > 0 and self._host_steps % cfg.rebuild_every == 0:
                 self.rebuild_tables()
             self.steps += 1
             self._host_steps += 1
         with torch.no_grad():
             hist = ops.hash_histogram(
-                x.detach(), self.planes, self.config.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
+                x.detach(), self.planes, cfg.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
             )
             out_idx = self.select_active(hist)
             self.stat_calls += 1
@@ -227,8 +195,7 @@ class ALSHConv2d(nn.Module):
             self.stat_hist += hist
         if self._publish:
             self._published_active = out_idx
-        y = ops.active_conv2d(x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation)
-        return y.squeeze(0) if unbatched else y
+        return out_idx
 
     # ------------------------------------------------------------------ stats and state
     def stats(self) -> ALSHLayerStats:
@@ -266,10 +233,104 @@ class ALSHConv2d(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        c = self.config
+        c = self.alsh_config
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-            f"L={c.tables}, K={c.bits}, top_buckets={c.top_buckets}, m={c.m}"
-            + (", shares_input" if self._share_source is not None else "")
+            f"padding={self.padding}, dilation={self.dilation}, L={c.tables}, K={c.bits}, "
+            f"top_buckets={c.top_buckets}, m={c.m}" + (", shares_input" if self._share_source is not None else "")
         )
+
+
+class ALSHConv2d(ALSHSelector):
+    """Drop-in for ``nn.Conv2d`` (groups=1, zero padding) that computes only the filters ALSH selects.
+
+    See :class:`ALSHSelector` for the buffers, the per-batch selection and the table rebuilds.
+    """
+
+    replaces = nn.Conv2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        config: ALSHConfig | None = None,
+        *,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        _init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        config = ALSHConfig() if config is None else config
+        if not isinstance(config, ALSHConfig):
+            raise TypeError(f"ALSHConv2d: expected an ALSHConfig, got {type(config).__name__}")
+        self.config = config
+        self._init_alsh(in_channels, out_channels, kernel_size, stride, padding, dilation, config,
+                        config.seed if seed is None else seed, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if _init_weights:  # the same initialization as nn.Conv2d
+            nn.Conv2d.reset_parameters(self)
+        self.rebuild_tables()
+
+    @classmethod
+    def from_dense(
+        cls, conv: nn.Conv2d, config: ALSHConfig | None = None, *, name: str = "", context: Any = None
+    ) -> "ALSHConv2d":
+        """Wrap a trained ``nn.Conv2d``: its weight and bias Parameters are reused (an optimizer holding them
+        keeps working) and the filters are hashed into fresh tables. ``name`` (the qualified name ``patch``
+        passes) is mixed into the seed so that layers get independent hyperplanes."""
+        config = ALSHConfig() if config is None else config
+        reason = conv_unconvertible_reason(conv)
+        if reason is not None:
+            raise ValueError(f"ALSHConv2d.from_dense({name or type(conv).__name__}): cannot convert: {reason}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
+            conv.dilation, conv.bias is not None, config, seed=layer_seed(config.seed, name),
+            device=conv.weight.device, dtype=conv.weight.dtype, _init_weights=False,
+        )
+        layer.weight = conv.weight
+        if conv.bias is not None:
+            layer.bias = conv.bias
+        layer._name = name
+        layer.rebuild_tables()
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (all filters, same Parameters)."""
+        return dense_conv_like(self, self.weight, self.bias)
+
+    def filter_matrix(self) -> torch.Tensor:
+        return self.weight.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        check_conv_input(self, x)
+        in_idx = self._shared_in_idx()
+        if x.shape[0] == 0:
+            y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
+        else:
+            out_idx = self.active_filters(x, in_idx)
+            y = ops.active_conv2d(x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bias={self.bias is not None}"
+
+
+register_method(
+    MethodSpec(
+        name="alsh",
+        config_cls=ALSHConfig,
+        converters=((nn.Conv2d, ALSHConv2d), (nn.ConvTranspose2d, ALSHConv2d)),
+        unconvertible_reason=lambda module, config: conv_unconvertible_reason(module),
+    )
+)
