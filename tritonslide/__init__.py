@@ -1,13 +1,13 @@
 """tritonslide: cheaper convolutional and linear layers with hashing and sketching.
 
 Public API: ``patch`` / ``unpatch`` (model surgery), the configs, ``tritonslide.nn`` (layers), ``tritonslide.ops``
-(the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``stats``,
+(the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``stats``, ``summary``,
 ``TrainAndReplace``.
 """
 
 from tritonslide import nn, ops
 from tritonslide._backend import current_backend, use_backend
-from tritonslide.configs import ALSHConfig
+from tritonslide.configs import ALSHConfig, CSGConfig, LowRankConfig, MILFConfig, SketchConfig
 from tritonslide.patch import (
     TrainAndReplace,
     available_methods,
@@ -18,11 +18,19 @@ from tritonslide.patch import (
     stats,
     unpatch,
 )
+from tritonslide.summary import LayerCost, ModelSummary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALSHConfig",
+    "CSGConfig",
+    "LayerCost",
+    "LowRankConfig",
+    "MILFConfig",
+    "ModelSummary",
+    "SketchConfig",
+    "summary",
     "TrainAndReplace",
     "available_methods",
     "current_backend",

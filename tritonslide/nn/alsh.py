@@ -106,6 +106,8 @@ class ALSHSelector(nn.Module):
         object.__setattr__(self, "_share_source", None)
         self._publish = False
         self._published_active: torch.Tensor | None = None
+        # (active output channels, read input channels) of the last forward, for tritonslide.summary
+        self.last_active_counts: tuple[int, int] | None = None
 
     def filter_matrix(self) -> torch.Tensor:
         """(O, C*kh*kw) flattened filters that the tables index."""
@@ -319,8 +321,22 @@ class ALSHConv2d(ALSHSelector):
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
         else:
             out_idx = self.active_filters(x, in_idx)
+            self.last_active_counts = (out_idx.numel(), self.in_channels if in_idx is None else in_idx.numel())
             y = ops.active_conv2d(x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation)
         return y.squeeze(0) if unbatched else y
+
+    def param_count(self) -> int:
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def dense_macs(self, out_h: int, out_w: int) -> int:
+        return self.weight.numel() * out_h * out_w
+
+    def macs(self, out_h: int, out_w: int) -> int:
+        """Multiply-adds per sample at the last forward's active set: hashing (L*K projections of the read
+        channels) plus the active filters on the read channels."""
+        o, c = self.last_active_counts or (self.out_channels, self.in_channels)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        return (self.alsh_config.tables * self.alsh_config.bits + o) * c * taps * out_h * out_w
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bias={self.bias is not None}"
