@@ -1,6 +1,6 @@
 """tritonslide.summary: costs against hand-computed formulas; the model's state is left as it was."""
 
-import torch
+import pytest
 from torch import nn
 
 import tritonslide
@@ -27,7 +27,8 @@ def test_dense_costs_match_formulas():
 
 
 def test_alsh_rows_and_state_restored():
-    m = tritonslide.patch(model(), ALSHConfig(tables=2, bits=3, top_buckets=8))  # every filter active
+    with pytest.warns(UserWarning, match=r"4 \(groups=2\)"):
+        m = tritonslide.patch(model(), ALSHConfig(tables=2, bits=3, top_buckets=8))  # every filter active
     m.train()
     s = tritonslide.summary(m, (2, 3, 7, 7))
     row = next(r for r in s.layers if r.name == "2")
