@@ -143,3 +143,36 @@ def test_backend_choice_is_recorded_for_backward():
         y = ops.active_conv2d(x, w, None, torch.tensor([0, 3]))
     y.sum().backward()  # runs outside the context: the Function kept the backend it was given
     assert w.grad[[1, 2]].abs().sum() == 0 and w.grad[[0, 3]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s[:7])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_input_and_output_are_the_definition_without_zero_channels(shape, dtype):
+    """Alg. 6 form: x holds only the channels in_idx, y only the rows out_idx; same values and gradients."""
+    n, c, h, w_, o, kh, kw, stride, padding, dilation = shape
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(n, c, h, w_, generator=gen, dtype=dtype)
+    w = torch.randn(o, c, kh, kw, generator=gen, dtype=dtype) / (c * kh * kw) ** 0.5
+    b = torch.randn(o, generator=gen, dtype=dtype)
+    out_idx, in_idx = random_idx(o, 0.5, gen), random_idx(c, 0.6, gen)
+    xc = x.index_select(1, in_idx).requires_grad_()
+    wc, bc = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = ops.active_conv2d(xc, wc, bc, out_idx, in_idx, stride, padding, dilation,
+                          compact_input=True, compact_output=True)
+    assert y.shape[1] == out_idx.numel()
+    xf, wf, bf = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y_full = masked_reference(xf, wf, bf, out_idx, in_idx, stride, padding, dilation)
+    assert_close(y, y_full.index_select(1, out_idx).detach(), dtype, reduction=c * kh * kw)
+    g = torch.randn(y.shape, generator=gen, dtype=dtype)
+    y.backward(g)
+    y_full.backward(torch.zeros_like(y_full).index_copy_(1, out_idx, g))
+    assert_close(xc.grad, xf.grad.index_select(1, in_idx), dtype, reduction=o * kh * kw)
+    assert_close(wc.grad, wf.grad, dtype, reduction=n * y.shape[2] * y.shape[3])
+    assert_close(bc.grad, bf.grad, dtype, reduction=n * y.shape[2] * y.shape[3])
+    # one compact side at a time
+    y_in = ops.active_conv2d(xc.detach(), w, b, out_idx, in_idx, stride, padding, dilation, compact_input=True)
+    assert_close(y_in, y_full.detach(), dtype, reduction=c * kh * kw)
+    with pytest.raises(ValueError, match="compact_input=True needs in_idx"):
+        ops.active_conv2d(xc.detach(), w, b, out_idx, None, stride, padding, dilation, compact_input=True)
+    with pytest.raises(ValueError, match=r"len\(in_idx\)"):
+        ops.active_conv2d(x, w, b, out_idx, in_idx, stride, padding, dilation, compact_input=True)

@@ -122,15 +122,21 @@ def test_sharing_is_exact_and_reads_fewer_channels(monkeypatch):
     calls = []
     real = tritonslide.ops.active_conv2d
 
-    def spy(x, weight, bias=None, out_idx=None, in_idx=None, *args):
+    def spy(x, weight, bias=None, out_idx=None, in_idx=None, *args, **kwargs):
         calls.append(None if in_idx is None else in_idx.numel())
-        return real(x, weight, bias, out_idx, in_idx, *args)
+        modes.append((kwargs.get("compact_input", False), kwargs.get("compact_output", False), x.shape[1]))
+        return real(x, weight, bias, out_idx, in_idx, *args, **kwargs)
+
+    modes = []
 
     monkeypatch.setattr(tritonslide.ops, "active_conv2d", spy)
     x = torch.randn(4, 3, 8, 8)
     y1, y2 = linked(x), unlinked(x)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
     assert calls[0] is None and calls[1] is not None and calls[1] < 20 and calls[3:] == [None, None, None]
+    # Alg. 6 inside the Sequential: 2 -> 5 -> 8 hand over compact activations; the unlinked model never does
+    assert [m[:2] for m in modes[:3]] == [(False, True), (True, True), (True, False)]
+    assert modes[1][2] == calls[1] and all(m[:2] == (False, False) for m in modes[3:])
     y1.square().sum().backward()
     y2.square().sum().backward()
     for (name, p1), p2 in zip(linked.named_parameters(), unlinked.parameters()):
@@ -147,7 +153,10 @@ def test_stale_active_sets_are_never_read():
     for m in unlinked.modules():
         if isinstance(m, ALSHConv2d):
             object.__setattr__(m, "_share_source", None)
+            m._publish = False
     torch.testing.assert_close(model(x), unlinked(x), rtol=1e-5, atol=1e-6)
+    # called on their own (outside the Sequential), linked layers return full-size outputs
+    assert model[2](x_other).shape == (2, 20, 8, 8) and model[5](torch.randn(2, 20, 8, 8)).shape == (2, 18, 8, 8)
 
 
 def test_unpatch_restores_dense_layers_with_the_same_parameters():

@@ -112,21 +112,21 @@ class ActiveConv2dFunction(torch.autograd.Function):
     """Autograd of :func:`active_conv2d`; the backend was chosen by the op and is kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_idx, in_idx, stride, padding, dilation, backend):
+    def forward(ctx, x, weight, bias, out_idx, in_idx, stride, padding, dilation, compact, backend):
         fwd = kernels.get_kernel("active_conv2d") if backend == "triton" else torch_active_conv2d
-        y = fwd(x, weight, bias, out_idx, in_idx, stride, padding, dilation)
+        y = fwd(x, weight, bias, out_idx, in_idx, stride, padding, dilation, *compact)
         ctx.save_for_backward(x, weight, out_idx, in_idx)
-        ctx.conf = (bias is not None, stride, padding, dilation, backend)
+        ctx.conf = (bias is not None, stride, padding, dilation, compact, backend)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, out_idx, in_idx = ctx.saved_tensors
-        has_bias, stride, padding, dilation, backend = ctx.conf
+        has_bias, stride, padding, dilation, compact, backend = ctx.conf
         bwd = kernels.get_kernel("active_conv2d_backward") if backend == "triton" else torch_active_conv2d_backward
         needs = tuple(ctx.needs_input_grad[:3])
-        dx, dw, db = bwd(grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs)
-        return dx, dw, db, None, None, None, None, None, None
+        dx, dw, db = bwd(grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs, *compact)
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def active_conv2d(
@@ -138,6 +138,9 @@ def active_conv2d(
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
+    *,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> torch.Tensor:
     """Convolution restricted to the active filters ``out_idx`` and the active input channels ``in_idx``.
 
@@ -145,27 +148,36 @@ def active_conv2d(
     only on active channels) while computing only rows ``out_idx`` and reading only channels ``in_idx``
     (Feeney 2019, Alg. 4 and 6). Backward: gradients for the active rows only (zeros elsewhere), ``dx`` through the
     active filters into the active input channels (Alg. 5). ``None`` means all. Indices: sorted unique int64.
+
+    Compact forms (Alg. 6 hands the next layer the active channels alone): ``compact_input`` means ``x`` holds
+    only the channels ``in_idx`` (N, len(in_idx), H, W), and its gradient comes back in that form;
+    ``compact_output`` returns only the rows ``out_idx`` (N, len(out_idx), H', W'). Same values, no zero channels.
     """
     name = "tritonslide.ops.active_conv2d"
     _check_x(name, x)
     stride, padding, dilation = _conv_args(name, stride, padding, dilation)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{name}: expected weight of shape (O, C, kh, kw), got {getattr(weight, 'shape', weight)}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"{name}: weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
+    if compact_input and in_idx is None:
+        raise ValueError(f"{name}: compact_input=True needs in_idx (the channels x holds)")
+    expected_c = in_idx.numel() if compact_input else weight.shape[1]
+    if x.shape[1] != expected_c:
+        what = f"len(in_idx)={expected_c}" if compact_input else f"{expected_c} input channels"
+        raise ValueError(f"{name}: weight expects {what} but x has {x.shape[1]}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise TypeError(f"{name}: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) and dtype {x.dtype}, got {bias.shape}")
     _check_index(name, "out_idx", out_idx, weight.shape[0], x.device)
-    _check_index(name, "in_idx", in_idx, x.shape[1], x.device)
+    _check_index(name, "in_idx", in_idx, weight.shape[1], x.device)
     for label, size, extent in (("height", x.shape[2], weight.shape[2]), ("width", x.shape[3], weight.shape[3])):
         i = 0 if label == "height" else 1
         if size + 2 * padding[i] < dilation[i] * (extent - 1) + 1:
             raise ValueError(f"{name}: input {label} {size} (padded {size + 2 * padding[i]}) is smaller than the "
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
     backend = resolve_backend("active_conv2d", x)
-    return ActiveConv2dFunction.apply(x, weight, bias, out_idx, in_idx, stride, padding, dilation, backend)
+    compact = (bool(compact_input), bool(compact_output))
+    return ActiveConv2dFunction.apply(x, weight, bias, out_idx, in_idx, stride, padding, dilation, compact, backend)
 
 
 def _check_factor(name: str, label: str, t, x: torch.Tensor, dims: int, expected: str) -> None:

@@ -28,9 +28,10 @@ def available_methods() -> list[str]:
 
 # Modules that map a zero channel to a zero channel and never mix channels, so an ALSH layer after them can read
 # only the previous ALSH layer's active channels (Alg. 6). Exact types only: a subclass may override forward.
-# BatchNorm is not here: it maps 0 to -mean/std * gamma + beta.
+# BatchNorm is not here: it maps 0 to -mean/std * gamma + beta. Nor is PReLU: its per-channel weights would not
+# line up with the compact activations that linked layers hand over (only the active channels).
 ZERO_PRESERVING: frozenset[type] = frozenset({
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Softsign,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d,
 })
@@ -130,22 +131,36 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- last-active-set sharing
-def _clear_published(module: nn.Module, args) -> None:
-    """Forward pre-hook of a linked nn.Sequential: no active set from an earlier call is ever read."""
+def _chain_enter(module: nn.Module, args) -> None:
+    """Forward pre-hook of a linked nn.Sequential: no active set from an earlier call is ever read, and linked
+    producers may hand the next layer their active channels alone (Alg. 6) for the duration of this call."""
     for child in module.children():
         if isinstance(child, ALSHSelector):
             child._published_active = None
+            child._emit_compact = True
+
+
+def _chain_exit(module: nn.Module, args, output) -> None:
+    """Forward hook (always called, exceptions included): outside the Sequential's own call, layers called
+    directly return full-size outputs."""
+    for child in module.children():
+        if isinstance(child, ALSHSelector):
+            child._published_active = None
+            child._emit_compact = False
 
 
 def _unlink_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, ALSHSelector):
             object.__setattr__(module, "_share_source", None)
-            module._publish = False
+            module._publish = module._compact_ok = module._emit_compact = False
             module._published_active = None
         if isinstance(module, nn.Sequential):
-            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _clear_published]:
+            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _chain_enter]:
                 del module._forward_pre_hooks[key]
+            for key in [k for k, hook in module._forward_hooks.items() if hook is _chain_exit]:
+                del module._forward_hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
 
 
 def link_active_sets(model: nn.Module) -> list[tuple[str, str]]:
@@ -153,6 +168,9 @@ def link_active_sets(model: nn.Module) -> list[tuple[str, str]]:
 
     Only direct children of one ``nn.Sequential`` are linked, and only across modules in
     :data:`ZERO_PRESERVING`: anything that cannot be proven to keep inactive channels at zero breaks the chain.
+    While the Sequential runs, a linked ALSH layer hands the next one only its active channels (Alg. 6), so the
+    modules between them (activations, pools, dropout) see N x |active| x H x W tensors; called on their own,
+    layers return full-size outputs.
     """
     _unlink_all(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -172,13 +190,15 @@ def link_active_sets(model: nn.Module) -> list[tuple[str, str]]:
                 ):
                     object.__setattr__(child, "_share_source", prev)
                     prev._publish = True
+                    prev._compact_ok = child.accepts_compact_input
                     links.append((names[id(prev)], names[id(child)]))
                     linked_here = True
                 prev = child
             elif type(child) not in ZERO_PRESERVING:
                 prev = None
         if linked_here:
-            seq.register_forward_pre_hook(_clear_published)
+            seq.register_forward_pre_hook(_chain_enter)
+            seq.register_forward_hook(_chain_exit, always_call=True)
     return links
 
 

@@ -46,10 +46,12 @@ def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int,
     )
 
 
-def check_conv_input(layer: nn.Module, x: torch.Tensor) -> None:
-    """Raise a ValueError / TypeError naming ``layer`` when ``x`` does not fit it (batched NCHW input)."""
+def check_conv_input(layer: nn.Module, x: torch.Tensor, channels: int | None = None) -> None:
+    """Raise a ValueError / TypeError naming ``layer`` when ``x`` does not fit it (batched NCHW input).
+
+    ``channels``: the channel count expected when it is not ``layer.in_channels`` (a compact input)."""
     who = layer.display_name()
-    c, kernel = layer.in_channels, layer.kernel_size
+    c, kernel = layer.in_channels if channels is None else channels, layer.kernel_size
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != 4:

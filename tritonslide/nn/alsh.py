@@ -65,6 +65,8 @@ class ALSHSelector(nn.Module):
     """
 
     config: Any
+    # whether forward takes the compact input of Alg. 6 (only the previous layer's active channels)
+    accepts_compact_input: bool = False
 
     def _init_alsh(
         self,
@@ -106,6 +108,10 @@ class ALSHSelector(nn.Module):
         object.__setattr__(self, "_share_source", None)
         self._publish = False
         self._published_active: torch.Tensor | None = None
+        # Alg. 6 compact hand-off: _compact_ok when the linked consumer accepts it, _emit_compact while the linked
+        # nn.Sequential runs (armed by its pre-hook, disarmed by its always-called post-hook).
+        self._compact_ok = False
+        self._emit_compact = False
         # (active output channels, read input channels) of the last forward, for tritonslide.summary
         self.last_active_counts: tuple[int, int] | None = None
 
@@ -175,10 +181,10 @@ class ALSHSelector(nn.Module):
             return None
         return idx
 
-    def active_filters(self, x: torch.Tensor, in_idx: torch.Tensor | None) -> torch.Tensor:
+    def active_filters(self, x: torch.Tensor, in_idx: torch.Tensor | None, compact_input: bool = False) -> torch.Tensor:
         """One ALSH step on a non-empty batch: rebuild the tables when due (training), hash every patch of ``x``
-        (reading only ``in_idx``), select the active set, record statistics and publish the set to a linked
-        consumer. Returns the sorted active filter indices."""
+        (reading only ``in_idx``; with ``compact_input`` x holds just those channels), select the active set,
+        record statistics and publish the set to a linked consumer. Returns the sorted active filter indices."""
         cfg = self.alsh_config
         if self.training:
             if self._host_steps is None:  # after load_state_dict: read the loaded buffer once
@@ -188,9 +194,13 @@ class ALSHSelector(nn.Module):
             self.steps += 1
             self._host_steps += 1
         with torch.no_grad():
-            hist = ops.hash_histogram(
-                x.detach(), self.planes, cfg.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
-            )
+            if compact_input:
+                planes = self.planes.index_select(1, in_idx)
+                hist = ops.hash_histogram(x.detach(), planes, cfg.bits, self.stride, self.padding, self.dilation)
+            else:
+                hist = ops.hash_histogram(
+                    x.detach(), self.planes, cfg.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
+                )
             out_idx = self.select_active(hist)
             self.stat_calls += 1
             self.stat_active += out_idx.numel() / self.out_channels
@@ -250,6 +260,7 @@ class ALSHConv2d(ALSHSelector):
     """
 
     replaces = nn.Conv2d
+    accepts_compact_input = True
 
     def __init__(
         self,
@@ -315,14 +326,20 @@ class ALSHConv2d(ALSHSelector):
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        check_conv_input(self, x)
         in_idx = self._shared_in_idx()
+        # Inside a linked nn.Sequential the previous layer hands over only its active channels (Alg. 6).
+        compact_in = in_idx is not None and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == len(in_idx)
+        check_conv_input(self, x, channels=len(in_idx) if compact_in else None)
         if x.shape[0] == 0:
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
         else:
-            out_idx = self.active_filters(x, in_idx)
+            out_idx = self.active_filters(x, in_idx, compact_in)
             self.last_active_counts = (out_idx.numel(), self.in_channels if in_idx is None else in_idx.numel())
-            y = ops.active_conv2d(x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation)
+            compact_out = self._publish and self._emit_compact and self._compact_ok
+            y = ops.active_conv2d(
+                x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation,
+                compact_input=compact_in, compact_output=compact_out,
+            )
         return y.squeeze(0) if unbatched else y
 
     def param_count(self) -> int:
