@@ -184,9 +184,9 @@ def link_active_sets(model: nn.Module) -> list[tuple[str, str]]:
             if isinstance(child, ALSHSelector):
                 if (
                     prev is not None
-                    and child.config.share_active_set
+                    and child.alsh_config.share_active_set
                     and prev.out_channels == child.in_channels
-                    and prev.weight.device == child.weight.device
+                    and prev.planes.device == child.planes.device
                 ):
                     object.__setattr__(child, "_share_source", prev)
                     prev._publish = True

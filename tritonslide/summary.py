@@ -75,7 +75,10 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], *, dtype: torch.dtyp
     def visit(name: str, module: nn.Module):
         def hook(mod, args, out):
             if is_tritonslide_layer(mod):
-                h, w = (out.shape[-2], out.shape[-1]) if out.dim() >= 3 else (1, 1)
+                if getattr(type(mod), "replaces", None) is nn.Linear:  # positions per sample, features last
+                    h, w = (out[0].numel() // out.shape[-1] if out.dim() > 1 else 1), 1
+                else:
+                    h, w = out.shape[-2], out.shape[-1]
                 dense = mod.to_dense()
                 before = sum(p.numel() for p in dense.parameters())
                 records.append(LayerCost(name, mod.config.method, before, mod.param_count(),
