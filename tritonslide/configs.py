@@ -162,8 +162,11 @@ class LowRankConfig(_ConfigBase):
     """Rank-N filter approximation (Jaladi, shared/papers/002, sec. VI-IX).
 
     scheme ``"filter"``: every 2-D filter slice ``W[o, c]`` replaced by its best rank-``rank`` approximation
-        (truncated SVD, Eckart-Young), computed as separable vertical-then-horizontal convolutions; equal to the
-        dense conv at full rank (``rank >= min(kh, kw)``).
+        (truncated SVD, Eckart-Young); equal to the dense conv at full rank (``rank >= min(kh, kw)``). It runs as
+        separable vertical-then-horizontal convolutions only where that saves multiply-adds and memory (it keeps
+        C*O*rank intermediate maps: on 3x3 kernels only rank 1 saves, and only for small layers); otherwise as one
+        conv with the rebuilt kernel. It holds ``rank*(kh+kw)`` numbers per slice, so on 3x3 kernels it saves
+        parameters only at rank 1; the default rank 8 is capped to 3 there (exact, twice the dense parameters).
     scheme ``"channel"``: ``rank`` separable basis filters shared across channels: a vertical conv C -> rank
         (kh x 1), then a horizontal conv rank -> O (1 x kw), with weights from the SVD of the kernel reshaped to
         (C*kh) x (O*kw); the form that is cheaper than the dense conv on ordinary layers.
