@@ -1,5 +1,12 @@
 """tritonslide layers. Each has ``from_dense(module, config)``; ``tritonslide.patch`` swaps them in."""
 
 from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats, ALSHSelector
+from tritonslide.nn.csg import CSGConv2d, SliceGenerator
+from tritonslide.nn.lowrank import LowRankConv2d
+from tritonslide.nn.milf import MILFConv2d
+from tritonslide.nn.sketch import SketchConv2d, SketchLinear
 
-__all__ = ["ALSHConv2d", "ALSHLayerStats", "ALSHSelector"]
+__all__ = [
+    "ALSHConv2d", "ALSHLayerStats", "ALSHSelector", "CSGConv2d", "LowRankConv2d", "MILFConv2d", "SketchConv2d",
+    "SketchLinear", "SliceGenerator",
+]
