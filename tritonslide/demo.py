@@ -129,10 +129,41 @@ def _alsh(model: nn.Module, steps_per_epoch: int) -> nn.Module:
     return tritonslide.patch(model, tritonslide.ALSHConfig(rebuild_every=steps_per_epoch))
 
 
+def _convs(module: nn.Module, name: str) -> bool:
+    # conv2 and conv3: the first conv stays dense (as the papers do) and the 10-class head is too small to shrink
+    return name in ("conv2", "conv3")
+
+
+def _sketch(model: nn.Module, steps_per_epoch: int) -> nn.Module:
+    # CNN-SLIDE's sketch conv (sec. 4.2): output side, 2 sketches of width 16 averaged
+    config = tritonslide.SketchConfig(k=16, pairs=2, mode="output", distribution="uniform")
+    return tritonslide.patch(model, config, filter_fn=_convs)
+
+
+def _milf(model: nn.Module, steps_per_epoch: int) -> nn.Module:
+    # CNN-SLIDE (sec. 4.3): the same sketches, ALSH-selected filters, tables re-hashed once per epoch
+    sketch = tritonslide.SketchConfig(k=16, pairs=2, mode="output", distribution="uniform")
+    config = tritonslide.MILFConfig(sketch=sketch, alsh=tritonslide.ALSHConfig(rebuild_every=steps_per_epoch))
+    return tritonslide.patch(model, config, filter_fn=_convs)
+
+
+def _lowrank(model: nn.Module, steps_per_epoch: int) -> nn.Module:
+    return tritonslide.patch(model, tritonslide.LowRankConfig(rank=8, scheme="channel"), filter_fn=_convs)
+
+
+def _csg(model: nn.Module, steps_per_epoch: int) -> nn.Module:
+    # one generator of 16x16x3x3 slices from 128-long codes shared by conv2 and conv3 (Omidvar et al., sec. 3)
+    return tritonslide.patch(model, tritonslide.CSGConfig(), filter_fn=_convs)
+
+
 # The first entry is the baseline every other row's step time is compared with.
 VARIANTS: list[Variant] = [
     Variant("dense", _dense),
     Variant("alsh", _alsh),
+    Variant("sketch", _sketch),
+    Variant("milf", _milf),
+    Variant("lowrank", _lowrank),
+    Variant("csg", _csg),
 ]
 
 
@@ -205,6 +236,8 @@ def train_variant(
         "step_ms": 1e3 * statistics.fmean(step_times),
         "step_ms_median": 1e3 * statistics.median(step_times),
         "accuracy": accuracy,
+        # trainable parameters of the model (a generator shared by CSG layers counts once)
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "active_train": active_train,
         "active_eval": _active_fractions(model),
     }
@@ -244,11 +277,12 @@ def run_demo(
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table: one row per variant, one active-fraction column per ALSH layer ("-" where none)."""
     layers = list(dict.fromkeys(name for row in rows for name in row["active_train"]))
-    header = ["method", "step ms mean", "median", "mean vs " + rows[0]["method"], "test acc %"]
+    header = ["method", "params", "step ms mean", "median", "mean vs " + rows[0]["method"], "test acc %"]
     header += [f"{name} active train/eval" for name in layers]
     lines = []
     for row in rows:
-        cells = [row["method"], f"{row['step_ms']:.2f}", f"{row['step_ms_median']:.2f}", f"{row['step_ratio']:.2f}x"]
+        cells = [row["method"], f"{row['params']:,}", f"{row['step_ms']:.2f}", f"{row['step_ms_median']:.2f}",
+                 f"{row['step_ratio']:.2f}x"]
         cells.append(f"{100 * row['accuracy']:.2f}")
         for name in layers:
             if name in row["active_train"]:
