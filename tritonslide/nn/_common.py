@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,3 +92,21 @@ def dense_conv_like(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter |
     if bias is not None:
         conv.bias = bias
     return conv
+
+
+class ConfigState:
+    """Mixin of every tritonslide layer: the config (``self.config``) is saved as the module's extra state, and a
+    state_dict saved with another config is refused with an error naming the layer (never a silent mis-load)."""
+
+    STATE_FORMAT = 1
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": self.STATE_FORMAT, "config": self.config.to_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("config") if isinstance(state, dict) else None
+        if saved != self.config.to_dict():
+            raise ValueError(
+                f"{self.display_name()}: the state_dict was saved with config {saved} but this layer has "
+                f"{self.config.to_dict()}; patch the model with the same config before loading"
+            )

@@ -26,6 +26,7 @@ from tritonslide import ops
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import ALSHConfig
 from tritonslide.nn._common import (
+    ConfigState,
     check_conv_input,
     conv_out_hw,
     conv_unconvertible_reason,
@@ -33,8 +34,6 @@ from tritonslide.nn._common import (
     explicit_padding,
     layer_seed,
 )
-
-_STATE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class ALSHLayerStats:
     mean_bucket_sizes: torch.Tensor  # (L, 2**K) mean number of query patches per code and call
 
 
-class ALSHSelector(nn.Module):
+class ALSHSelector(ConfigState, nn.Module):
     """The ALSH machinery of every layer that picks its active filters by hashing (ALSHConv2d, MILFConv2d).
 
     Subclasses call :meth:`_init_alsh` in ``__init__``, provide :meth:`filter_matrix` (the (O, C*kh*kw) filters
@@ -233,16 +232,6 @@ class ALSHSelector(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._host_steps = None
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "config": self.config.to_dict()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("config") if isinstance(state, dict) else None
-        if saved != self.config.to_dict():
-            raise ValueError(
-                f"{self.display_name()}: the state_dict was saved with config {saved} but this layer has "
-                f"{self.config.to_dict()}; patch the model with the same config before loading"
-            )
 
     def extra_repr(self) -> str:
         c = self.alsh_config

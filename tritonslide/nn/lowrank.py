@@ -49,6 +49,7 @@ from torch.nn.modules.utils import _pair
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import LowRankConfig
 from tritonslide.nn._common import (
+    ConfigState,
     check_conv_input,
     conv_out_hw,
     conv_unconvertible_reason,
@@ -56,7 +57,6 @@ from tritonslide.nn._common import (
     explicit_padding,
 )
 
-_STATE_FORMAT = 1
 # The separable 'filter' path keeps C*r intermediate maps per output map for the backward; 256 -> 256 at r = 1 on
 # 32x32 inputs would hold 17 GB per 64-sample batch (float32) against 67 MB of output. 16x the output is the most
 # it may keep; beyond that the dense conv with the reconstructed weight (no intermediate) runs instead.
@@ -92,7 +92,7 @@ def channel_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return vertical.contiguous(), horizontal.contiguous(), s
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(ConfigState, nn.Module):
     """Drop-in for ``nn.Conv2d`` (groups=1, zero padding) whose kernel is a rank-r factorization (see the module
     docstring for the two schemes, their equations and costs).
 
@@ -285,16 +285,6 @@ class LowRankConv2d(nn.Module):
         return (n, self.out_channels, *conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation))
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "config": self.config.to_dict()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("config") if isinstance(state, dict) else None
-        if saved != self.config.to_dict():
-            raise ValueError(
-                f"{self.display_name()}: the state_dict was saved with config {saved} but this layer has "
-                f"{self.config.to_dict()}; patch the model with the same config before loading"
-            )
 
     def extra_repr(self) -> str:
         path = f" ({self._filter_path})" if self.scheme == "filter" else ""

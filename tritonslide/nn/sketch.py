@@ -51,6 +51,7 @@ from tritonslide import ops
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import SketchConfig
 from tritonslide.nn._common import (
+    ConfigState,
     check_conv_input,
     conv_out_hw,
     conv_unconvertible_reason,
@@ -58,7 +59,6 @@ from tritonslide.nn._common import (
     explicit_padding,
     layer_seed,
 )
-from tritonslide.nn.alsh import ALSHSelector
 
 
 def random_matrices(
@@ -128,7 +128,7 @@ def check_layer_config(config: Any, cls: type, who: str):
     return config
 
 
-class SketchFactors(nn.Module):
+class SketchFactors(ConfigState, nn.Module):
     """The sketch Parameters and random buffers of one layer: SketchConv2d, SketchLinear and MILFConv2d.
 
     With ``l = pairs`` and ``fan_in_shape`` (C, kh, kw) or (in,), ``taps = kh kw`` (1 for SK-FC):
@@ -267,8 +267,6 @@ class SketchFactors(nn.Module):
 
     # the same config check as the ALSH layers (one implementation): the config travels as extra state and a
     # state_dict saved with another config is refused with a ValueError naming the layer
-    get_extra_state = ALSHSelector.get_extra_state
-    set_extra_state = ALSHSelector.set_extra_state
 
     def sketch_repr(self) -> str:
         c = self.sketch_config
