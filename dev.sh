@@ -41,7 +41,9 @@ case "$cmd" in
     ;;
   bench)
     setup
-    exec "$VENV/bin/python" -m pytest bench --benchmark-only "$@"
+    # with no arguments every benchmark in bench/; otherwise the files / options given
+    if [ $# -eq 0 ]; then set -- bench; fi
+    exec "$VENV/bin/python" -m pytest --benchmark-only "$@"
     ;;
   *)
     echo "usage: ./dev.sh demo|test|bench [args...]" >&2

@@ -1,0 +1,1 @@
+"""CPU benchmarks (pytest-benchmark); run with ``pytest bench/ --benchmark-only``. See README.md."""

@@ -1,0 +1,217 @@
+"""Helpers of the CPU benchmarks: the AlexNet feature extractor, real image crops, and the result record.
+
+A benchmark records a ratio against its baseline measured in the same run, with the device, versions, commit,
+timestamp and p20/p50/p80 (STYLE.md practice 7; the record follows Liger-Kernel's benchmark/scripts/utils.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+REPO_ROOT = BENCH_DIR.parent
+
+# torchvision's ImageNet normalization, as used by the thesis (shared/papers/001, sec. 5.2).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def alexnet_features(seed: int = 0) -> nn.Sequential:
+    """torchvision's ``AlexNet.features`` (the five convolutions of AlexNet), default PyTorch init, fixed seed.
+
+    Defined here rather than imported so the benchmark needs no torchvision.
+    """
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def sample_crops(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) float32 random crops of scikit-learn's two sample photographs, ImageNet-normalized.
+
+    Crops alternate between china.jpg and flower.jpg (427x640 each); positions come from a seeded generator.
+    Real photographs matter: the ALSH active fraction depends on the statistics of the input patches.
+    """
+    from sklearn.datasets import load_sample_images  # reads JPEGs with pillow
+
+    images = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        img = images[i % len(images)]
+        top = int(rng.integers(0, img.shape[0] - size + 1))
+        left = int(rng.integers(0, img.shape[1] - size + 1))
+        crops.append(img[top : top + size, left : left + size])
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def random_normal_batch(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) standard-normal inputs: the comparison point for :func:`sample_crops`."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD's hash, with ``-dirty`` when the working tree has changes (the numbers may not be HEAD's)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "device": f"cpu: {cpu_model()}",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "git_commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class OtherLoad:
+    """Share of the machine's CPU time that other processes used while the block ran (Linux /proc/stat).
+
+    The benchmark machine may be shared: a dense and an ALSH run timed while something else was busy are not
+    comparable, so the share is recorded next to every timing (None where /proc/stat is missing).
+    """
+
+    def __enter__(self) -> "OtherLoad":
+        self.value: float | None = None
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return
+        (busy0, total0, own0), (busy1, total1, own1) = self._start, end
+        if total1 > total0:
+            self.value = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (total1 - total0))
+
+    @staticmethod
+    def _sample() -> tuple[int, int, float] | None:
+        try:
+            with open("/proc/stat", encoding="utf-8") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        ticks = os.times()
+        own = (ticks.user + ticks.system) * os.sysconf("SC_CLK_TCK")
+        # busy = everything but idle and iowait, in clock ticks summed over CPUs
+        return sum(fields) - fields[3] - fields[4], sum(fields), own
+
+
+def quantiles(data: list[float], qs: tuple[float, ...] = (0.2, 0.5, 0.8)) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default), as Liger-Kernel reports p20/p50/p80."""
+    return [float(v) for v in np.quantile(np.asarray(data, dtype=np.float64), qs)]
+
+
+def update_results(path: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Merge ``records`` (keyed by benchmark name) into the JSON file at ``path``: same names are replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            data = {}
+    data.update(records)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def methods_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per non-dense record of ``test_methods_cpu.py`` (those with a ``layer`` key), in run order.
+
+    Time ratio: dense_mean / method_mean of the same group (the conftest summary stores it as ``speedup_mean``);
+    param ratio: dense / method parameters; ``n/a`` rows carry their reason.
+    """
+    rows = []
+    for rec in records.values():
+        if "layer" not in rec or rec.get("variant") == "dense":
+            continue
+        rows.append({
+            "method": rec["variant"],
+            "layer": rec["layer"],
+            "mode": rec["mode"],
+            "time_ratio": rec.get("speedup_mean"),
+            "param_ratio": rec.get("param_ratio"),
+            "output_error": rec.get("output_error"),
+            "active_fraction": rec.get("mean_active_fraction"),
+            "not_available": rec.get("not_available"),
+            "busy": (rec.get("pair_other_cpu_load") or 0.0) > 0.05,
+        })
+    return rows
+
+
+def methods_markdown(records: dict[str, dict[str, Any]]) -> str:
+    """Render the method records (e.g. ``json.load(open("bench/results/cpu.json"))``) as a markdown table.
+
+    A time ratio marked ``*`` was measured while other processes used more than 5% of the CPUs.
+    """
+    header = ["method", "layer", "mode", "time dense/method", "params dense/method", "output error",
+              "active fraction"]
+    lines = []
+    for r in methods_rows(records):
+        if r["not_available"] is not None:
+            lines.append([r["method"], r["layer"], r["mode"], "n/a", "n/a", "n/a", "n/a"])
+            continue
+        time = "n/a" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x" + ("*" if r["busy"] else "")
+        active = "" if r["active_fraction"] is None else f"{r['active_fraction']:.3f}"
+        lines.append([r["method"], r["layer"], r["mode"], time, f"{r['param_ratio']:.1f}x",
+                      f"{r['output_error']:.3f}", active])
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"
+
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
