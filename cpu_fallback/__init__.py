@@ -4,9 +4,9 @@ Pure PyTorch: this package never imports Triton, so it runs on small devices tha
 ``tritonslide.ops.<op>`` has its fallback here as ``torch_<op>`` with the same signature.
 """
 
-from tritonslide.cpu_fallback.active_conv2d import torch_active_conv2d, torch_active_conv2d_backward
-from tritonslide.cpu_fallback.hash_histogram import torch_hash_histogram
-from tritonslide.cpu_fallback.sketch import (
+from .active_conv2d import torch_active_conv2d, torch_active_conv2d_backward
+from .hash_histogram import torch_hash_histogram
+from .sketch import (
     torch_sketch_conv2d,
     torch_sketch_conv2d_backward,
     torch_sketch_linear,
