@@ -28,8 +28,15 @@ _PLANNED = {
     "sketch_linear_backward": ("sketch", 6),
 }
 
-# Ops whose Triton launcher exists in this package. Empty until the kernel issues (#4, #5, #6) land.
-TRITON_OPS: frozenset[str] = frozenset()
+
+
+def _present(module: str) -> bool:
+    # find_spec on a submodule imports only this package (already imported), never the kernel file or triton.
+    return importlib.util.find_spec(f"{__name__}.{module}") is not None
+
+
+# Ops whose Triton launcher exists in this package: a planned op counts once its kernel file is installed.
+TRITON_OPS: frozenset[str] = frozenset(op for op, (module, _) in _PLANNED.items() if _present(module))
 
 
 @lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,7 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
 @pytest.mark.skipif(not kernels.has_triton(), reason="Triton is not installed")
 def test_forced_triton_names_the_missing_kernel(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "TRITON_OPS", frozenset())  # as before a kernel file lands
     x = torch.randn(1, 2, 4, 4)
     with tritonslide.use_backend("triton"):
         with pytest.raises(NotImplementedError, match=r"ops\.active_conv2d.*issue #5"):
@@ -62,8 +64,14 @@ def test_forced_triton_names_the_missing_kernel(monkeypatch):
             ops.hash_histogram(x, torch.randn(4, 2, 3, 3), 2)
 
 
-def test_auto_never_picks_a_missing_kernel():
-    assert "active_conv2d" not in kernels.TRITON_OPS
+def test_triton_ops_are_the_kernel_files_present():
+    present = {p.stem for p in Path(kernels.__file__).parent.glob("*.py")}
+    expected = {op for op, (module, _) in kernels._PLANNED.items() if module in present}
+    assert kernels.TRITON_OPS == expected
+
+
+def test_auto_never_picks_a_missing_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "TRITON_OPS", frozenset())
     fake_cuda = torch.empty(0, device="meta")  # not CUDA either: auto must pick torch
     assert resolve_backend("active_conv2d", fake_cuda) == "torch"
 
