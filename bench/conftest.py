@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from bench.utils import RESULTS_DIR, environment, methods_markdown, update_results
+from bench.gpu import gpu_environment, results_path
+from bench.utils import environment, methods_markdown, update_results
 
 # Share of the CPUs other processes may use during a benchmark before its line is flagged as not comparable.
 BUSY = 0.05
@@ -28,8 +29,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="torch.set_num_threads for the benchmarks (default: torch's choice, one per core)",
     )
     group.addoption(
-        "--bench-results", default=str(RESULTS_DIR / "cpu.json"),
-        help="JSON file the benchmark records are merged into (keyed by benchmark name)",
+        "--bench-results", default=None,
+        help="JSON file the benchmark records are merged into (keyed by benchmark name); default "
+        "bench/results/<gpu>.json on a CUDA machine, bench/results/cpu.json elsewhere",
     )
 
 
@@ -57,7 +59,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     # Records without timings are the "n/a" rows of test_methods_cpu.py (a layer that cannot be built).
     timed = {name: r for name, r in records.items() if "mean_s" in r}
     baselines = {r["group"]: r for r in timed.values() if r["variant"] == "dense"}
+    by_variant = {(r["group"], r["variant"]): r for r in timed.values()}
     for rec in timed.values():
+        # GPU records name their baselines (dense cuDNN, the best torch-only path, the memory floor, ...)
+        for other in rec.get("compare_to", ()):
+            base = by_variant.get((rec["group"], other))
+            if base is not None:
+                rec.setdefault("ratio_vs", {})[other] = base["p50_s"] / rec["p50_s"]
         base = baselines.get(rec["group"])
         if rec["variant"] != "dense" and base is not None:
             rec["dense_mean_s"] = base["mean_s"]
@@ -65,7 +73,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             rec["speedup_median"] = base["p50_s"] / rec["p50_s"]
             loads = [r.get("other_cpu_load") for r in (rec, base) if r.get("other_cpu_load") is not None]
             rec["pair_other_cpu_load"] = max(loads) if loads else None
-    env = environment()
+    env = gpu_environment() if torch.cuda.is_available() else environment()
     tr = terminalreporter
     tr.section("tritonslide: methods vs nn.Conv2d (dense_mean / method_mean)")
     threads = env['torch_threads']
@@ -78,7 +86,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                 continue
             line = (f"  {rec['variant']:18s} mean {_fmt_ms(rec['mean_s'])}  p20/p50/p80 "
                     f"{rec['p20_s'] * 1e3:.1f}/{rec['p50_s'] * 1e3:.1f}/{rec['p80_s'] * 1e3:.1f} ms")
-            if "speedup_mean" in rec:
+            if rec.get("ratio_vs"):
+                line += "  " + ", ".join(f"{v:.2f}x vs {k}" for k, v in rec["ratio_vs"].items())
+            elif "speedup_mean" in rec:
                 line += f"  ratio {rec['speedup_mean']:.2f}x (medians {rec['speedup_median']:.2f}x)"
             load = rec.get("pair_other_cpu_load", rec.get("other_cpu_load"))
             if load is not None and load > BUSY:
@@ -92,7 +102,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line("methods (time ratio dense/method, * = other processes used >5% of the CPUs):")
         for line in methods_markdown(records).splitlines():
             tr.write_line(line)
-    out = config.getoption("--bench-results")
+    out = config.getoption("--bench-results") or results_path()
     # Runs with an explicit thread count are kept beside the default ones instead of replacing them.
     suffix = f"@threads={env['torch_threads']}" if config.getoption("--torch-threads") else ""
     update_results(Path(out), {name + suffix: {**rec, **env} for name, rec in records.items()})
