@@ -6,6 +6,7 @@ timestamp and p20/p50/p80 (STYLE.md practice 7; the record follows Liger-Kernel'
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -52,6 +53,46 @@ def alexnet_features(seed: int = 0) -> nn.Sequential:
         )
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+def vgg11_features(seed: int = 0) -> nn.Sequential:
+    """torchvision's ``vgg11().features`` (configuration "A": eight 3x3 convs), default PyTorch init, fixed seed."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        layers: list[nn.Module] = []
+        channels = 3
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                channels = v
+        return nn.Sequential(*layers)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def conv_layer_inputs(model: nn.Module, size: int, batch: int = 64) -> list[tuple[str, nn.Conv2d, tuple[int, ...]]]:
+    """``(name, conv, input shape)`` of every ``nn.Conv2d`` of ``model`` for a (batch, 3, size, size) input.
+
+    Shapes come from one forward pass on the meta device (no memory, no compute). A model too deep for a small
+    input (AlexNet's last max-pool at 32x32) stops after its last convolution; that is not an error here."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    meta = copy.deepcopy(model).to("meta")
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: shapes.__setitem__(name, tuple(args[0].shape)))
+             for name, m in meta.named_modules() if isinstance(m, nn.Conv2d)]
+    n_convs = len(hooks)
+    try:
+        meta(torch.empty(batch, 3, size, size, device="meta"))
+    except RuntimeError:
+        if len(shapes) < n_convs:
+            raise
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = dict(model.named_modules())
+    return [(name, convs[name], shape) for name, shape in shapes.items()]
 
 
 def sample_crops(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:

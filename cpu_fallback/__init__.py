@@ -5,6 +5,7 @@ Pure PyTorch: this package never imports Triton, so it runs on small devices tha
 """
 
 from .active_conv2d import torch_active_conv2d, torch_active_conv2d_backward
+from .alsh_select import torch_alsh_active_set
 from .hash_histogram import torch_hash_histogram
 from .sketch import (
     torch_sketch_conv2d,
@@ -16,6 +17,7 @@ from .sketch import (
 __all__ = [
     "torch_active_conv2d",
     "torch_active_conv2d_backward",
+    "torch_alsh_active_set",
     "torch_hash_histogram",
     "torch_sketch_conv2d",
     "torch_sketch_conv2d_backward",

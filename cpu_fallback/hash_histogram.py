@@ -33,7 +33,13 @@ def torch_hash_histogram(
         planes = planes.index_select(1, in_idx)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    proj = F.conv2d(x, planes.to(x.dtype), None, stride, padding, dilation)
+    if x.shape[1] == 0:  # nothing read: every projection is 0 (conv2d has no zero-channel form)
+        kh, kw = planes.shape[2:]
+        ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        proj = x.new_zeros(x.shape[0], planes.shape[0], ho, wo)
+    else:
+        proj = F.conv2d(x, planes.to(x.dtype), None, stride, padding, dilation)
     n, _, ho, wo = proj.shape
     signs = (proj >= 0).view(n, n_tables, bits, ho, wo)
     # Packing bit by bit keeps the temporaries at one int32 per (patch, table) instead of one int64 per bit.

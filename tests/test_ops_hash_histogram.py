@@ -145,3 +145,24 @@ def test_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         ops.hash_histogram(**args)
+
+
+def test_empty_in_idx_reads_nothing():
+    """No channel read: every projection is 0, so every bit is set (0 >= 0), as the loop reference says."""
+    x = torch.randn(2, 3, 6, 5)
+    planes = torch.randn(8, 3, 3, 3)
+    empty = torch.empty(0, dtype=torch.int64)
+    hist, codes = ops.hash_histogram(x, planes, 4, 1, 1, in_idx=empty, return_codes=True)
+    ref_hist, ref_codes = loop_reference(x, planes, 4, (1, 1), (1, 1), (1, 1), in_idx=empty)
+    assert torch.equal(codes, ref_codes) and torch.equal(hist, ref_hist)
+    assert int(hist[:, 15].sum()) == 2 * 2 * 6 * 5
+
+
+def test_unfused_benchmark_baseline_equals_the_fallback():
+    """bench/test_hash_histogram_gpu.py times this torch pipeline as the kernel's baseline: it must compute the
+    same histogram."""
+    from bench.test_hash_histogram_gpu import unfused
+
+    x = torch.randn(2, 5, 11, 9)
+    planes = torch.randn(15, 5, 3, 3)
+    assert torch.equal(unfused(x, planes, 5, (2, 2), (1, 1), (1, 1)), ops.hash_histogram(x, planes, 5, 2, 1))

@@ -56,6 +56,10 @@ def current_backend() -> str:
     return _validate(os.environ.get("TRITONSLIDE_BACKEND", "auto"), "TRITONSLIDE_BACKEND")
 
 
+# dtypes the Triton kernels are written for (fp32 accumulation); float64 always runs the PyTorch fallback.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -66,7 +70,7 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        if tensor.is_cuda and op in kernels.TRITON_OPS and kernels.has_triton():
+        if tensor.is_cuda and tensor.dtype in KERNEL_DTYPES and op in kernels.TRITON_OPS and kernels.has_triton():
             return "triton"
         return "torch"
     # forced triton
@@ -78,4 +82,8 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
             "Triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1"
         )
     kernels.get_kernel(op)  # raises NotImplementedError naming the op when it has no kernel yet
+    if tensor.dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES)
+        raise TypeError(f"tritonslide.ops.{op}: the Triton kernels take {names} inputs, got {tensor.dtype}; "
+                        "use tritonslide.use_backend('torch') for it")
     return "triton"

@@ -17,6 +17,7 @@ from tritonslide._backend import resolve_backend
 from tritonslide.cpu_fallback import (
     torch_active_conv2d,
     torch_active_conv2d_backward,
+    torch_alsh_active_set,
     torch_hash_histogram,
     torch_sketch_conv2d,
     torch_sketch_conv2d_backward,
@@ -106,6 +107,44 @@ def hash_histogram(
     if resolve_backend("hash_histogram", x) == "triton":
         return kernels.get_kernel("hash_histogram")(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
     return torch_hash_histogram(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
+
+
+def alsh_active_set(
+    hist: torch.Tensor, filter_codes: torch.Tensor, top_buckets: int, min_active: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ALSH active set of one step, chosen on ``hist``'s device with no host synchronization.
+
+    ``hist``: (L, 2**K) int64 query histogram (:func:`hash_histogram`); ``filter_codes``: (O, L) int64 codes of
+    the filters. Per table the ``top_buckets`` most frequent codes are taken (ties to the lower code); a filter is
+    active when its code in any table is among them (Feeney 2019, sec. 4.2 and Alg. 4); at least ``min_active``
+    filters are kept (the most voted ones). Returns ``(idx, count)``: an (O,) int64 buffer whose first ``count``
+    entries are the active filters in ascending order (the rest: the inactive ones) and a 0-d int64 ``count``,
+    both on the device, so that a kernel can consume the set without the host reading its size.
+    ``idx[:count]`` (one synchronization on CUDA) is the sorted index tensor the other ops take.
+    """
+    name = "tritonslide.ops.alsh_active_set"
+    if not isinstance(hist, torch.Tensor) or hist.dim() != 2 or hist.dtype != torch.int64:
+        got = f"{hist.dtype} tensor of shape {tuple(hist.shape)}" if isinstance(hist, torch.Tensor) else type(hist)
+        raise TypeError(f"{name}: expected hist to be an (L, 2**K) int64 tensor, got {got}")
+    if not isinstance(filter_codes, torch.Tensor) or filter_codes.dim() != 2 or filter_codes.dtype != torch.int64:
+        got = (f"{filter_codes.dtype} tensor of shape {tuple(filter_codes.shape)}"
+               if isinstance(filter_codes, torch.Tensor) else type(filter_codes))
+        raise TypeError(f"{name}: expected filter_codes to be an (O, L) int64 tensor, got {got}")
+    if filter_codes.shape[1] != hist.shape[0]:
+        raise ValueError(f"{name}: filter_codes has {filter_codes.shape[1]} tables but hist has {hist.shape[0]}")
+    if filter_codes.device != hist.device:
+        raise ValueError(f"{name}: filter_codes are on {filter_codes.device} but hist is on {hist.device}")
+    n_buckets = hist.shape[1]
+    if n_buckets == 0 or n_buckets & (n_buckets - 1):
+        raise ValueError(f"{name}: hist must have 2**K columns, got {n_buckets}")
+    for label, value, low in (("top_buckets", top_buckets, 1), ("min_active", min_active, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: {label} must be an int >= {low}, got {value!r}")
+    if filter_codes.device.type == "cpu" and filter_codes.numel():
+        lo, hi = int(filter_codes.min()), int(filter_codes.max())
+        if lo < 0 or hi >= n_buckets:
+            raise ValueError(f"{name}: filter_codes must lie in [0, {n_buckets}), got values in [{lo}, {hi}]")
+    return torch_alsh_active_set(hist, filter_codes, top_buckets, min_active)
 
 
 class ActiveConv2dFunction(torch.autograd.Function):
@@ -304,6 +343,7 @@ __all__ = [
     "SketchConv2dFunction",
     "SketchLinearFunction",
     "active_conv2d",
+    "alsh_active_set",
     "hash_histogram",
     "sketch_conv2d",
     "sketch_linear",

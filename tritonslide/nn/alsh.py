@@ -154,21 +154,16 @@ class ALSHSelector(ConfigState, nn.Module):
         ``min_active`` filters are active, the filters whose buckets collected the most query votes over all
         tables are added (ties to the lower filter index).
         """
-        n_tables, n_buckets = hist.shape
-        cfg, codes = self.alsh_config, self.filter_codes
-        rows = torch.arange(n_tables, device=hist.device)
-        if cfg.top_buckets >= n_buckets:
-            active = torch.ones(self.out_channels, dtype=torch.bool, device=hist.device)
-        else:
-            top = torch.sort(hist, dim=1, descending=True, stable=True).indices[:, : cfg.top_buckets]
-            chosen = torch.zeros(n_tables, n_buckets, dtype=torch.bool, device=hist.device)
-            chosen.scatter_(1, top, True)
-            active = chosen[rows, codes].any(1)
-            # min_active without a host round trip: already-active filters rank first, then by their votes.
-            k = min(cfg.min_active, self.out_channels)
-            votes = hist[rows, codes].sum(1).to(torch.float64) + active.to(torch.float64) * (hist.sum() + 1)
-            active[torch.sort(votes, descending=True, stable=True).indices[:k]] = True  # ties: lower index
-        return active.nonzero().squeeze(1)
+        idx, count = self.select_active_padded(hist)
+        return idx[: int(count)]  # the size reaches the host here (one synchronization on CUDA)
+
+    @torch.no_grad()
+    def select_active_padded(self, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`select_active` without a host synchronization: an (O,) index buffer whose first ``count``
+        entries are the active filters, and the 0-d device tensor ``count`` (:func:`tritonslide.ops.alsh_active_set`).
+        """
+        cfg = self.alsh_config
+        return ops.alsh_active_set(hist, self.filter_codes, cfg.top_buckets, cfg.min_active)
 
     # ------------------------------------------------------------------ one ALSH step
     def _shared_in_idx(self) -> torch.Tensor | None:

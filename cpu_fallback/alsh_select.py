@@ -1,0 +1,45 @@
+"""ALSH active-set selection from the query histogram, in PyTorch, with no device-to-host synchronization.
+
+Feeney (2019), shared/papers/001, sec. 4.2 (top-bucket "mode" selection) and Alg. 4: per table the
+``top_buckets`` most frequent query codes are taken; a filter is active when its code in any table is one of
+them (the union over the L tables). Every step is a fixed-size tensor op, so on CUDA the whole selection is
+queued on the device: the result is a fixed-size index buffer plus a device-side count, which a kernel can
+read without the host ever learning the size of the active set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def torch_alsh_active_set(
+    hist: torch.Tensor, filter_codes: torch.Tensor, top_buckets: int, min_active: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Active filters of one ALSH step as ``(idx, count)``.
+
+    ``hist``: (L, 2**K) query histogram; ``filter_codes``: (O, L) code of every filter in every table.
+    ``idx`` is an (O,) int64 permutation of ``range(O)`` whose first ``count`` entries are the active filters in
+    ascending order (the rest are the inactive ones, also ascending); ``count`` is a 0-d int64 tensor on the same
+    device. Ties between equally frequent codes go to the lower code. When fewer than ``min_active`` filters
+    are active, the filters whose buckets collected the most query votes over all tables are added (ties to the
+    lower filter index).
+    """
+    n_tables, n_buckets = hist.shape
+    n_filters = filter_codes.shape[0]
+    if top_buckets >= n_buckets:
+        active = torch.ones(n_filters, dtype=torch.bool, device=hist.device)
+    else:
+        rows = torch.arange(n_tables, device=hist.device)
+        top = torch.sort(hist, dim=1, descending=True, stable=True).indices[:, :top_buckets]
+        chosen = torch.zeros(n_tables, n_buckets, dtype=torch.bool, device=hist.device)
+        chosen.scatter_(1, top, True)
+        active = chosen[rows, filter_codes].any(1)
+        # min_active without a host round trip: already-active filters rank first, then by their votes.
+        k = min(min_active, n_filters)
+        if k > 0:
+            votes = hist[rows, filter_codes].sum(1).to(torch.float64)
+            votes = votes + active.to(torch.float64) * (hist.sum() + 1)
+            active[torch.sort(votes, descending=True, stable=True).indices[:k]] = True  # ties: lower index
+    # A stable sort of the inactive flags puts the active filters first, each group in ascending index order.
+    idx = torch.sort((~active).to(torch.uint8), stable=True).indices
+    return idx, active.sum()
