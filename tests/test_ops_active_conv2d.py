@@ -176,3 +176,36 @@ def test_compact_input_and_output_are_the_definition_without_zero_channels(shape
         ops.active_conv2d(xc.detach(), w, b, out_idx, None, stride, padding, dilation, compact_input=True)
     with pytest.raises(ValueError, match=r"len\(in_idx\)"):
         ops.active_conv2d(x, w, b, out_idx, in_idx, stride, padding, dilation, compact_input=True)
+
+
+def test_out_count_with_a_padded_index_equals_the_exact_set():
+    """ops.alsh_active_set's (idx, count) form: the first count entries are the set, the rest is padding."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=gen, dtype=torch.float64, requires_grad=True)
+    exact = torch.tensor([1, 4, 5, 9])
+    padded = torch.cat([exact, torch.tensor([0, 2, 3, 6, 7, 8, 10])])
+    in_idx = torch.tensor([0, 2, 3])
+    y = ops.active_conv2d(x, w, b, exact, in_idx, 1, 1)
+    y_pad = ops.active_conv2d(x, w, b, padded, in_idx, 1, 1, out_count=torch.tensor(4))
+    torch.testing.assert_close(y_pad, y, rtol=0, atol=0)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    grads_pad = torch.autograd.grad(y_pad, (x, w, b), g)
+    for a, e in zip(grads_pad, grads):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.testing.assert_close(masked_reference(x, w, b, exact, in_idx, (1, 1), (1, 1), (1, 1)), y)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [
+    ({"out_count": torch.tensor(2), "compact_output": True}, ValueError, "out_count needs compact_output=False"),
+    ({"out_count": torch.tensor(2), "out_idx": None}, ValueError, "out_count needs out_idx"),
+    ({"out_count": torch.tensor(2.0)}, TypeError, "out_count to be a 0-d int64 tensor"),
+    ({"out_count": torch.tensor(9)}, ValueError, r"out_count=9 must lie in \[0, len\(out_idx\)=5\]"),
+    ({"out_count": torch.tensor(3), "out_idx": torch.tensor([4, 1, 2, 0, 3])}, ValueError, "sorted and unique"),
+])
+def test_out_count_bad_input(kwargs, exc, match):
+    args = {"out_idx": torch.tensor([0, 1, 2, 3, 4])} | kwargs
+    with pytest.raises(exc, match=match):
+        ops.active_conv2d(torch.randn(1, 3, 6, 6), torch.randn(5, 3, 3, 3), **args)

@@ -48,7 +48,9 @@ def _check_x(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a floating-point x, got {x.dtype}")
 
 
-def _check_index(name: str, label: str, idx: torch.Tensor | None, size: int, device: torch.device) -> None:
+def _check_index(
+    name: str, label: str, idx: torch.Tensor | None, size: int, device: torch.device, sorted_unique: bool = True
+) -> None:
     """Index tensors must be 1-d int64, on x's device, unique, sorted and inside [0, size).
 
     Values are checked on CPU only: on CUDA the check would cost a device-to-host sync on every call.
@@ -60,14 +62,34 @@ def _check_index(name: str, label: str, idx: torch.Tensor | None, size: int, dev
         raise TypeError(f"{name}: expected {label} to be a 1-d int64 tensor, got {got}")
     if idx.device != device:
         raise ValueError(f"{name}: {label} is on {idx.device} but x is on {device}")
-    if idx.numel() > size:
+    if sorted_unique and idx.numel() > size:
         raise ValueError(f"{name}: {label} has {idx.numel()} entries but there are only {size} channels")
     if idx.device.type == "cpu" and idx.numel() > 0:
         if int(idx.min()) < 0 or int(idx.max()) >= size:
             lo, hi = int(idx.min()), int(idx.max())
             raise ValueError(f"{name}: {label} must lie in [0, {size}), got values in [{lo}, {hi}]")
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        if sorted_unique and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise ValueError(f"{name}: {label} must be sorted and unique (as torch.unique returns it)")
+
+
+def _check_count(name: str, out_idx, out_count, compact_output: bool, size: int, device: torch.device) -> None:
+    """``out_count`` with a padded ``out_idx``: the first ``out_count`` entries are sorted unique active rows."""
+    if compact_output:
+        raise ValueError(f"{name}: out_count needs compact_output=False (the output shape would depend on the count)")
+    if out_idx is None:
+        raise ValueError(f"{name}: out_count needs out_idx (its first out_count entries are the active rows)")
+    if not isinstance(out_count, torch.Tensor) or out_count.numel() != 1 or out_count.dtype != torch.int64:
+        got = f"{out_count.dtype} tensor of shape {tuple(out_count.shape)}" if isinstance(out_count, torch.Tensor) \
+            else type(out_count).__name__
+        raise TypeError(f"{name}: expected out_count to be a 0-d int64 tensor, got {got}")
+    if out_count.device != device:
+        raise ValueError(f"{name}: out_count is on {out_count.device} but x is on {device}")
+    _check_index(name, "out_idx", out_idx, size, device, sorted_unique=False)
+    if device.type == "cpu":
+        count = int(out_count)
+        if not 0 <= count <= out_idx.numel():
+            raise ValueError(f"{name}: out_count={count} must lie in [0, len(out_idx)={out_idx.numel()}]")
+        _check_index(name, "out_idx[:out_count]", out_idx[:count], size, device)
 
 
 def hash_histogram(
@@ -151,21 +173,32 @@ class ActiveConv2dFunction(torch.autograd.Function):
     """Autograd of :func:`active_conv2d`; the backend was chosen by the op and is kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_idx, in_idx, stride, padding, dilation, compact, backend):
-        fwd = kernels.get_kernel("active_conv2d") if backend == "triton" else torch_active_conv2d
-        y = fwd(x, weight, bias, out_idx, in_idx, stride, padding, dilation, *compact)
-        ctx.save_for_backward(x, weight, out_idx, in_idx)
+    def forward(ctx, x, weight, bias, out_idx, in_idx, out_count, stride, padding, dilation, compact, backend):
+        if backend == "triton":
+            fwd = kernels.get_kernel("active_conv2d")
+            y = fwd(x, weight, bias, out_idx, in_idx, stride, padding, dilation, *compact, out_count=out_count)
+        else:
+            if out_count is not None:  # the fallback takes the exact set (on CUDA this reads the count: one sync)
+                out_idx, out_count = out_idx[: int(out_count)], None
+            y = torch_active_conv2d(x, weight, bias, out_idx, in_idx, stride, padding, dilation, *compact)
+        ctx.save_for_backward(x, weight, out_idx, in_idx, out_count)
         ctx.conf = (bias is not None, stride, padding, dilation, compact, backend)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, out_idx, in_idx = ctx.saved_tensors
+        x, weight, out_idx, in_idx, out_count = ctx.saved_tensors
         has_bias, stride, padding, dilation, compact, backend = ctx.conf
-        bwd = kernels.get_kernel("active_conv2d_backward") if backend == "triton" else torch_active_conv2d_backward
         needs = tuple(ctx.needs_input_grad[:3])
-        dx, dw, db = bwd(grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs, *compact)
-        return dx, dw, db, None, None, None, None, None, None, None
+        if backend == "triton":
+            bwd = kernels.get_kernel("active_conv2d_backward")
+            dx, dw, db = bwd(grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs, *compact,
+                             out_count=out_count)
+        else:
+            dx, dw, db = torch_active_conv2d_backward(
+                grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs, *compact
+            )
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def active_conv2d(
@@ -180,6 +213,7 @@ def active_conv2d(
     *,
     compact_input: bool = False,
     compact_output: bool = False,
+    out_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Convolution restricted to the active filters ``out_idx`` and the active input channels ``in_idx``.
 
@@ -191,6 +225,11 @@ def active_conv2d(
     Compact forms (Alg. 6 hands the next layer the active channels alone): ``compact_input`` means ``x`` holds
     only the channels ``in_idx`` (N, len(in_idx), H, W), and its gradient comes back in that form;
     ``compact_output`` returns only the rows ``out_idx`` (N, len(out_idx), H', W'). Same values, no zero channels.
+
+    Device-side active sets: with ``out_count`` (0-d int64 tensor, e.g. from :func:`alsh_active_set`) only the first
+    ``out_count`` entries of ``out_idx`` are the active rows and the rest is padding; the Triton kernels read the
+    count on the device, so the host never waits for the size of the set (the PyTorch fallback slices the set,
+    which reads the count). Not with ``compact_output``, whose shape would depend on the count.
     """
     name = "tritonslide.ops.active_conv2d"
     _check_x(name, x)
@@ -207,7 +246,10 @@ def active_conv2d(
         raise TypeError(f"{name}: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) and dtype {x.dtype}, got {bias.shape}")
-    _check_index(name, "out_idx", out_idx, weight.shape[0], x.device)
+    if out_count is None:
+        _check_index(name, "out_idx", out_idx, weight.shape[0], x.device)
+    else:
+        _check_count(name, out_idx, out_count, compact_output, weight.shape[0], x.device)
     _check_index(name, "in_idx", in_idx, weight.shape[1], x.device)
     for label, size, extent in (("height", x.shape[2], weight.shape[2]), ("width", x.shape[3], weight.shape[3])):
         i = 0 if label == "height" else 1
@@ -216,7 +258,9 @@ def active_conv2d(
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
     backend = resolve_backend("active_conv2d", x)
     compact = (bool(compact_input), bool(compact_output))
-    return ActiveConv2dFunction.apply(x, weight, bias, out_idx, in_idx, stride, padding, dilation, compact, backend)
+    return ActiveConv2dFunction.apply(
+        x, weight, bias, out_idx, in_idx, out_count, stride, padding, dilation, compact, backend
+    )
 
 
 def _check_factor(name: str, label: str, t, x: torch.Tensor, dims: int, expected: str) -> None:

@@ -175,10 +175,13 @@ class ALSHSelector(ConfigState, nn.Module):
             return None
         return idx
 
-    def active_filters(self, x: torch.Tensor, in_idx: torch.Tensor | None, compact_input: bool = False) -> torch.Tensor:
+    def active_filters(
+        self, x: torch.Tensor, in_idx: torch.Tensor | None, compact_input: bool = False, padded: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One ALSH step on a non-empty batch: rebuild the tables when due (training), hash every patch of ``x``
         (reading only ``in_idx``; with ``compact_input`` x holds just those channels), select the active set,
-        record statistics and publish the set to a linked consumer. Returns the sorted active filter indices."""
+        record statistics and publish the set to a linked consumer. Returns the sorted active filter indices, or
+        with ``padded`` the device-side ``(idx, count)`` of :meth:`select_active_padded` (no host sync)."""
         cfg = self.alsh_config
         if self.training:
             if self._host_steps is None:  # after load_state_dict: read the loaded buffer once
@@ -195,10 +198,15 @@ class ALSHSelector(ConfigState, nn.Module):
                 hist = ops.hash_histogram(
                     x.detach(), self.planes, cfg.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
                 )
-            out_idx = self.select_active(hist)
+            idx, count = self.select_active_padded(hist)
             self.stat_calls += 1
-            self.stat_active += out_idx.numel() / self.out_channels
+            self.stat_active += count / self.out_channels
             self.stat_hist += hist
+        if padded:
+            if self._publish:
+                raise RuntimeError(f"{self.display_name()}: a linked consumer needs the exact active set")
+            return idx, count
+        out_idx = idx[: int(count)]  # the size reaches the host here (one synchronization on CUDA)
         if self._publish:
             self._published_active = out_idx
         return out_idx
@@ -317,12 +325,16 @@ class ALSHConv2d(ALSHSelector):
         if x.shape[0] == 0:
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
         else:
-            out_idx = self.active_filters(x, in_idx, compact_in)
-            self.last_active_counts = (out_idx.numel(), self.in_channels if in_idx is None else in_idx.numel())
             compact_out = self._publish and self._emit_compact and self._compact_ok
+            if self._publish:  # a linked consumer reads the set: its size must reach the host
+                out_idx, count = self.active_filters(x, in_idx, compact_in), None
+            else:  # nothing downstream needs the size: the set stays on the device with its count (no sync)
+                out_idx, count = self.active_filters(x, in_idx, compact_in, padded=True)
+            self.last_active_counts = (out_idx.numel() if count is None else count,
+                                       self.in_channels if in_idx is None else in_idx.numel())
             y = ops.active_conv2d(
                 x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation,
-                compact_input=compact_in, compact_output=compact_out,
+                compact_input=compact_in, compact_output=compact_out, out_count=count,
             )
         return y.squeeze(0) if unbatched else y
 
@@ -336,6 +348,7 @@ class ALSHConv2d(ALSHSelector):
         """Multiply-adds per sample at the last forward's active set: hashing (L*K projections of the read
         channels) plus the active filters on the read channels."""
         o, c = self.last_active_counts or (self.out_channels, self.in_channels)
+        o = int(o)  # a device-side count of the sync-free path is read here, outside forward
         taps = self.kernel_size[0] * self.kernel_size[1]
         return (self.alsh_config.tables * self.alsh_config.bits + o) * c * taps * out_h * out_w
 
