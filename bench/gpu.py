@@ -7,26 +7,23 @@ variants named in its ``compare_to`` (same ``group``) and stores ``ratio_vs[<var
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 
 from bench.utils import RESULTS_DIR, environment, quantiles
+from tritonslide._dispatch import gpu_slug
 
 ROUNDS = 50
 WARMUP = 10
 
 
-def gpu_slug(name: str | None = None) -> str:
-    """File name of a GPU's results: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
-    name = name or torch.cuda.get_device_name()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def results_path():
-    return RESULTS_DIR / (f"{gpu_slug()}.json" if torch.cuda.is_available() else "cpu.json")
+    """bench/results/<gpu>.json (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``), cpu.json without CUDA."""
+    if not torch.cuda.is_available():
+        return RESULTS_DIR / "cpu.json"
+    return RESULTS_DIR / f"{gpu_slug(torch.cuda.get_device_name())}.json"
 
 
 def gpu_environment() -> dict[str, Any]:

@@ -40,7 +40,10 @@ def torch_sketch_conv2d(
     """Returns ``(y, z)``: ``z = conv2d(x, A)`` (N, r, H', W') is kept for the backward pass."""
     z = F.conv2d(x, a, None, stride, padding, dilation)
     b_act = _rows(b, out_idx)
-    y_act = F.conv2d(z, b_act[:, :, None, None], _rows(bias, out_idx))
+    if b_act.shape[0] == 0:  # no active row (conv2d has no zero-filter form)
+        y_act = z.new_zeros(z.shape[0], 0, *z.shape[2:])
+    else:
+        y_act = F.conv2d(z, b_act[:, :, None, None], _rows(bias, out_idx))
     return _scatter_channels(y_act, out_idx, b.shape[0], 1), z
 
 
@@ -69,7 +72,10 @@ def torch_sketch_conv2d_backward(
     if need_bias:
         dbias = _scatter_channels(g.sum((0, 2, 3)), out_idx, o, 0)
     if need_x or need_a:
-        dz = F.conv2d(g, b_act.t()[:, :, None, None])  # (N, r, H', W') = B^T g per position
+        if b_act.shape[0] == 0:  # no active row: nothing flows back
+            dz = torch.zeros_like(z)
+        else:
+            dz = F.conv2d(g, b_act.t()[:, :, None, None])  # (N, r, H', W') = B^T g per position
         dx, da, _ = torch.ops.aten.convolution_backward(
             dz, x, a, None, list(stride), list(padding), list(dilation), False, [0, 0], 1, [need_x, need_a, False]
         )

@@ -130,3 +130,15 @@ def test_sketch_linear_bad_input():
         ops.sketch_linear(torch.randn(2, 4), torch.randn(3, 5), torch.randn(6, 3))
     with pytest.raises(TypeError, match="floating-point"):
         ops.sketch_linear(torch.ones(2, 5, dtype=torch.int64), torch.randn(3, 5), torch.randn(6, 3))
+
+
+def test_empty_out_idx_gives_zero_outputs_and_gradients():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = ops.sketch_conv2d(x, a, b, bias, torch.empty(0, dtype=torch.int64), 1, 1)
+    assert y.shape == (2, 5, 6, 5) and not y.any()
+    for g in torch.autograd.grad(y, (x, a, b, bias), torch.randn(y.shape, generator=gen, dtype=torch.float64)):
+        assert not g.any()

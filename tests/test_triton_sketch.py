@@ -157,8 +157,7 @@ def test_conv_needs(device, needs, with_bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv_empty_out_idx(device):
-    # The torch fallback's 1x1 conv with zero output channels raises on CPU: only the dense reference here.
-    check_conv(CONV["3x3"], torch.float32, device, "empty", fallback=False)
+    check_conv(CONV["3x3"], torch.float32, device, "empty")
 
 
 @pytest.mark.parametrize("device", DEVICES)

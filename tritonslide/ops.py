@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from torch.nn.modules.utils import _pair
 
-from tritonslide import kernels
-from tritonslide._backend import resolve_backend
+from tritonslide import _dispatch, kernels
+from tritonslide._backend import current_backend, resolve_backend
 from tritonslide.cpu_fallback import (
     torch_active_conv2d,
     torch_active_conv2d_backward,
@@ -257,6 +257,14 @@ def active_conv2d(
             raise ValueError(f"{name}: input {label} {size} (padded {size + 2 * padding[i]}) is smaller than the "
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
     backend = resolve_backend("active_conv2d", x)
+    if backend == "triton" and out_count is None and current_backend() == "auto":
+        # where this GPU's measurements found the torch path faster for this shape, take it (tritonslide/_dispatch.py)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        )
+        key = _dispatch.conv_key(x, weight, stride, padding, dilation, needs_grad)
+        fraction = 1.0 if out_idx is None else out_idx.numel() / weight.shape[0]
+        backend = _dispatch.measured_backend("active_conv2d", x.device, key, fraction) or backend
     compact = (bool(compact_input), bool(compact_output))
     return ActiveConv2dFunction.apply(
         x, weight, bias, out_idx, in_idx, out_count, stride, padding, dilation, compact, backend
