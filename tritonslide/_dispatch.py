@@ -55,8 +55,12 @@ def measured_backend(op: str, device: torch.device, key: str, fraction: float) -
     """The backend measured fastest for ``op`` at ``key`` on this GPU (nearest measured fraction), or None."""
     if device.type != "cuda":
         return None
-    path = DISPATCH_DIR / f"{gpu_slug(torch.cuda.get_device_name(device))}.json"
-    return lookup(load_table(path), op, key, fraction)
+    return lookup(_table_of_gpu(torch.cuda.get_device_name(device)), op, key, fraction)
+
+
+@lru_cache(maxsize=None)
+def _table_of_gpu(name: str) -> dict:
+    return load_table(DISPATCH_DIR / f"{gpu_slug(name)}.json")
 
 
 def lookup(table: dict, op: str, key: str, fraction: float) -> str | None:
