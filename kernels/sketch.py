@@ -378,7 +378,8 @@ def _sketch_conv2d_bwd_db_kernel(
         ptrs = dbw_ptr + pid_s * OA * R + offs_j[:, None] * R + offs_r[None, :]
         tl.store(ptrs, acc, mask=j_mask[:, None] & r_mask[None, :])
     if NEED_BIAS:
-        tl.store(dbias_ptr + pid_s * OA + offs_j, bsum, mask=j_mask & (offs_j < OA - pid_r * OA))  # r tile 0 only
+        # db once, by r tile 0; written as a vector condition because the interpreter rejects `j_mask & (pid_r == 0)`
+        tl.store(dbias_ptr + pid_s * OA + offs_j, bsum, mask=j_mask & (offs_j < OA - pid_r * OA))
 
 
 def _da_cfg(br, bk, bm, warps, stages):

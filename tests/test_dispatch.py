@@ -53,3 +53,7 @@ def _write(tmp_path, records):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def test_cpu_tensors_have_no_measurements():
+    assert not _dispatch.has_measurements("active_conv2d", torch.device("cpu"))

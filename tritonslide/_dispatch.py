@@ -51,6 +51,11 @@ def load_table(path: Path) -> dict[str, dict[str, list[tuple[float, str]]]]:
     return table
 
 
+def has_measurements(op: str, device: torch.device) -> bool:
+    """Whether this GPU's table has entries for ``op`` (callers skip building a key when not)."""
+    return device.type == "cuda" and op in _table_of_gpu(torch.cuda.get_device_name(device))
+
+
 def measured_backend(op: str, device: torch.device, key: str, fraction: float) -> str | None:
     """The backend measured fastest for ``op`` at ``key`` on this GPU (nearest measured fraction), or None."""
     if device.type != "cuda":

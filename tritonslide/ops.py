@@ -257,7 +257,8 @@ def active_conv2d(
             raise ValueError(f"{name}: input {label} {size} (padded {size + 2 * padding[i]}) is smaller than the "
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
     backend = resolve_backend("active_conv2d", x)
-    if backend == "triton" and out_count is None and current_backend() == "auto":
+    if (backend == "triton" and out_count is None and current_backend() == "auto"
+            and _dispatch.has_measurements("active_conv2d", x.device)):
         # where this GPU's measurements found the torch path faster for this shape, take it (tritonslide/_dispatch.py)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)
