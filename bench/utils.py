@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tritonslide import models
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO_ROOT = BENCH_DIR.parent
@@ -29,28 +31,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def alexnet_features(seed: int = 0) -> nn.Sequential:
-    """torchvision's ``AlexNet.features`` (the five convolutions of AlexNet), default PyTorch init, fixed seed.
-
-    Defined here rather than imported so the benchmark needs no torchvision.
-    """
+    """torchvision's ``AlexNet.features`` (the five convolutions of AlexNet, ``tritonslide.models.alexnet``),
+    default PyTorch init, fixed seed (the features are drawn first, so they do not depend on the classifier)."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return nn.Sequential(
-            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-        )
+        return models.alexnet().features
     finally:
         torch.random.set_rng_state(gen_state)
 

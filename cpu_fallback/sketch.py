@@ -12,13 +12,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._format import zeros_like_format
+
 
 def _scatter_channels(y_act: torch.Tensor, out_idx: torch.Tensor | None, o: int, dim: int) -> torch.Tensor:
     if out_idx is None or out_idx.numel() == o:
         return y_act
     shape = list(y_act.shape)
     shape[dim] = o
-    return y_act.new_zeros(shape).index_copy_(dim, out_idx, y_act)
+    out = zeros_like_format(y_act, *shape) if y_act.dim() == 4 else y_act.new_zeros(shape)
+    return out.index_copy_(dim, out_idx, y_act)
 
 
 def _rows(t: torch.Tensor | None, out_idx: torch.Tensor | None) -> torch.Tensor | None:
@@ -41,7 +44,7 @@ def torch_sketch_conv2d(
     z = F.conv2d(x, a, None, stride, padding, dilation)
     b_act = _rows(b, out_idx)
     if b_act.shape[0] == 0:  # no active row (conv2d has no zero-filter form)
-        y_act = z.new_zeros(z.shape[0], 0, *z.shape[2:])
+        y_act = zeros_like_format(z, z.shape[0], 0, *z.shape[2:])
     else:
         y_act = F.conv2d(z, b_act[:, :, None, None], _rows(bias, out_idx))
     return _scatter_channels(y_act, out_idx, b.shape[0], 1), z

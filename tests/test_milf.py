@@ -1,9 +1,13 @@
 """MILFConv2d (CNN-SLIDE sec. 4.3): ALSH selection over the reconstructed sketch filters, then the sketch chain on
-the active output channels only. References: the sketch layer, an ALSH layer holding the reconstructed weight and
+the active output channels only. References: the sketch layer (the same factors: orthonormal bases of the stacked
+random matrices' row spaces, scale g = 1/sqrt(m), every init), an ALSH layer holding the reconstructed weight and
 the same hyperplanes, and eq. 1 written out (tests/test_sketch_layers.py) times the active-set mask."""
 
 import copy
+import dataclasses
 import io
+import math
+import warnings
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from tritonslide.nn import ALSHConv2d, MILFConv2d, SketchConv2d
 
 ALL_ACTIVE = ALSHConfig(bits=2, top_buckets=4)
 PARTIAL = ALSHConfig(tables=3, bits=4, top_buckets=2)
-SKETCHES = [SketchConfig(k=16, pairs=1, mode="output", distribution="uniform"),  # MILFConfig's default
+SKETCHES = [SketchConfig(k=16, pairs=1, mode="output", distribution="uniform"),  # MILFConfig's default at k=16
             SketchConfig(k=3, pairs=2, mode="both", distribution="sign")]
 
 
@@ -26,11 +30,17 @@ def _run(layer, x, g):
     return run_with_grads(layer, x, lambda m, t: m(t), g)
 
 
+@pytest.mark.parametrize("init", ["fit", "unbiased", "scratch"])
 @pytest.mark.parametrize("sketch", SKETCHES, ids=lambda c: c.mode)
-def test_all_active_equals_the_sketch_layer_with_the_same_sketches(sketch):
+def test_all_active_equals_the_sketch_layer_with_the_same_sketches(sketch, init):
+    """Every init sets MILF's factors as SketchConv2d's (scratch: the same global RNG state, the same draws)."""
     conv = nn.Conv2d(7, 13, 3, padding=1)
+    sketch = dataclasses.replace(sketch, init=init)
+    torch.manual_seed(3)
     milf = MILFConv2d.from_dense(conv, MILFConfig(sketch=sketch, alsh=ALL_ACTIVE), name="blk.1")
+    torch.manual_seed(3)
     sk = SketchConv2d.from_dense(conv, sketch, name="blk.1")
+    assert milf.bias is conv.bias and sk.bias is conv.bias
     for name in ("u1", "u2", "s1", "s2"):
         a, b = getattr(milf, name), getattr(sk, name)
         assert (a is None and b is None) or torch.equal(a, b), name
@@ -81,13 +91,14 @@ def test_active_set_output_and_gradients_match_masked_eq1(sketch):
     assert (y[:, inactive] == 0).all() and (grads["bias"][inactive] == 0).all()
     if milf.s2 is not None:  # the trainable B part: only active rows
         assert (grads["s2"][:, inactive] == 0).all() and (grads["s2"][:, ~inactive] != 0).any()
-    # S1 (trainable A part) collects from all active outputs: dmat_4(S1_i) = I_in^T G_act U1_i[:, act]^T / (m l)
-    m_l = pairs * (2 if sketch.mode == "both" else 1)
+    # S1 (trainable A part) collects from all active outputs: dmat_4(S1_i) = g I_in^T G_act U1_i[:, act]^T, with
+    # U1_i the block i of the orthonormal basis of the stacked U1's row space and g = 1/sqrt(m)
+    scale = 1 / math.sqrt(2 if sketch.mode == "both" else 1)
     i_in = F.unfold(x.double(), (3, 2), padding=1, stride=(1, 2)).transpose(1, 2).reshape(-1, c * 6)
     g_act = (g.double() * mask.view(1, -1, 1, 1)).flatten(2).transpose(1, 2).reshape(-1, o)
     for i in range(pairs):
-        formula = i_in.T @ g_act @ milf.u1[i].double().T / m_l  # (d2 h w, k)
-        assert_close(grads["s1"][i].reshape(sketch.k, -1).T, formula, torch.float32, reduction=g_act.shape[0] * o)
+        formula = scale * i_in.T @ g_act @ milf.u1[i].double().T  # (d2 h w, k)
+        assert_close(grads["s1"][i].T, formula, torch.float32, reduction=g_act.shape[0] * o)
 
 
 def _run_ref(layer, x, g, mask):
@@ -137,12 +148,13 @@ def test_construction_from_scratch_macs_and_empty_batches():
 
 
 def bn_model():
-    """MILF layers separated by BatchNorm (not zero-preserving): patch links none of them."""
+    """MILF layers separated by BatchNorm (not zero-preserving): patch links none of them. Every converted conv has
+    more outputs (40, 48) than MILFConfig's default sketch width (k = 32), so that its sketch is smaller."""
     return nn.Sequential(
         nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(),
         nn.Sequential(nn.Conv2d(24, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU(),
-                      nn.Conv2d(40, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+                      nn.Conv2d(40, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10),
     )
 
 
@@ -151,7 +163,9 @@ CFG = MILFConfig(sketch=SketchConfig(k=6, pairs=1, mode="output", distribution="
 
 
 def test_patch_unpatch_state_dict_and_bad_input():
-    net = tritonslide.patch(bn_model(), "milf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left dense, nothing is kept
+        net = tritonslide.patch(bn_model(), "milf")
     assert type(net[0]) is nn.Conv2d and type(net[5]) is nn.Linear  # first conv and linears stay dense
     assert isinstance(net[2][0], MILFConv2d) and isinstance(net[2][3], MILFConv2d) and net[2][3]._name == "2.3"
     assert tritonslide.link_active_sets(net) == []
@@ -207,10 +221,15 @@ def test_patch_links_consecutive_milf_layers_and_sharing_is_exact():
     forward and every gradient, and the consumers hash fewer input channels."""
     base = relu_model()
     base(torch.randn(1, 3, 8, 8))
+    # a fresh model: init="auto" resolves to "scratch", whose sketches are drawn from the global RNG; the two copies
+    # are compared, so both patches start from the same RNG state
+    torch.manual_seed(7)
     linked = tritonslide.patch(copy.deepcopy(base), CFG)
     no_share = MILFConfig(sketch=CFG.sketch, alsh=ALSHConfig(tables=2, bits=3, top_buckets=3, seed=2,
                                                             share_active_set=False))
+    torch.manual_seed(7)
     unlinked = tritonslide.patch(copy.deepcopy(base), no_share)
+    assert linked[2].config.sketch.init == unlinked[2].config.sketch.init == "scratch"
     assert tritonslide.link_active_sets(linked) == [("2", "5"), ("5", "7")]
     assert tritonslide.link_active_sets(unlinked) == []
     assert all(torch.equal(linked[i].s1, unlinked[i].s1) and torch.equal(linked[i].planes, unlinked[i].planes)
@@ -223,3 +242,34 @@ def test_patch_links_consecutive_milf_layers_and_sharing_is_exact():
     y2.square().sum().backward()
     for (name, p1), p2 in zip(linked.named_parameters(), unlinked.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_channels_last_and_state_dict_across_inits():
+    """``to(memory_format=torch.channels_last)`` leaves the factors alone and a channels_last input gives a
+    channels_last output equal to the NCHW one (same active set, same gradients); a state_dict of a fit layer
+    loads into a scratch one (``init`` is not part of the saved config check) and gives the same outputs."""
+    conv = nn.Conv2d(6, 23, 3, padding=1)
+    cfg = MILFConfig(sketch=dataclasses.replace(SKETCHES[1], init="fit"), alsh=PARTIAL)
+    milf = MILFConv2d.from_dense(conv, cfg, name="m")
+    milf._publish = True  # keep each forward's active set for the check
+    x, g = torch.randn(2, 6, 9, 11), torch.randn(2, 23, 9, 11)
+    y, dx, grads = _run(milf, x, g)
+    active = milf._published_active
+    before = {n: t.clone() for n, t in milf.state_dict().items() if isinstance(t, torch.Tensor)}
+    assert milf.to(memory_format=torch.channels_last) is milf
+    assert all(torch.equal(t, milf.state_dict()[n]) for n, t in before.items())
+    cl = torch.channels_last
+    y_cl, dx_cl, grads_cl = _run(milf, x.to(memory_format=cl), g.to(memory_format=cl))
+    assert torch.equal(milf._published_active, active) and 0 < active.numel() < 23
+    assert y_cl.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(y_cl, y, rtol=1e-6, atol=1e-6)
+    assert_close(dx_cl, dx, torch.float32, reduction=23 * 9 * milf._sketch_rank())
+    for name in grads:
+        assert_close(grads_cl[name], grads[name], torch.float32, reduction=2 * y.numel(), msg=name)
+    scratch_cfg = MILFConfig(sketch=dataclasses.replace(cfg.sketch, init="scratch"), alsh=PARTIAL)
+    scratch = MILFConv2d.from_dense(nn.Conv2d(6, 23, 3, padding=1), scratch_cfg, name="m")
+    assert not torch.equal(scratch.s1, milf.s1)
+    scratch.load_state_dict(milf.state_dict())
+    with torch.no_grad():
+        assert torch.equal(scratch(x), milf(x))
+        assert torch.equal(scratch.filter_codes, milf.filter_codes)

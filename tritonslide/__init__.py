@@ -1,11 +1,12 @@
 """tritonslide: cheaper convolutional and linear layers with hashing and sketching.
 
-Public API: ``patch`` / ``unpatch`` (model surgery), the configs, ``tritonslide.nn`` (layers), ``tritonslide.ops``
+Public API: ``patch`` / ``unpatch`` (model surgery), the configs, ``tritonslide.nn`` (layers), ``tritonslide.models``
+(standard architectures with torchvision's layer shapes and names), ``tritonslide.ops``
 (the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``stats``, ``summary``,
 ``TrainAndReplace``.
 """
 
-from tritonslide import nn, ops
+from tritonslide import models, nn, ops
 from tritonslide._backend import current_backend, use_backend
 from tritonslide.configs import ALSHConfig, CSGConfig, LowRankConfig, MILFConfig, SketchConfig
 from tritonslide.patch import (
@@ -35,6 +36,7 @@ __all__ = [
     "available_methods",
     "current_backend",
     "link_active_sets",
+    "models",
     "nn",
     "ops",
     "patch",

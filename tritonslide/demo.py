@@ -183,6 +183,44 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
+def train(
+    model: nn.Module,
+    data: DigitsSplit,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    desc: str = "",
+) -> list[float]:
+    """Train ``model`` in place: Adam, lr 1e-3, cross-entropy (CNN-SLIDE sec. 5), batches in the order that
+    ``seed`` gives (the same for every model). Returns the time of every step (zero_grad, forward, backward, Adam
+    step; ``time.perf_counter``)."""
+    from tqdm.auto import tqdm
+
+    n = len(data.y_train)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order_gen = torch.Generator().manual_seed(seed)
+    step_times: list[float] = []
+    bar = tqdm(total=epochs * -(-n // batch_size), desc=f"{desc:>8}", unit="step", disable=not progress)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=order_gen)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            step_times.append(time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    return step_times
+
+
 def train_variant(
     variant: Variant,
     init_model: nn.Module,
@@ -200,30 +238,10 @@ def train_variant(
     running means of ``tritonslide.stats`` over the training forwards (``active_train``) and, after a reset, over
     the evaluation forwards (``active_eval``); both are empty for a model without ALSH layers.
     """
-    from tqdm.auto import tqdm
-
-    n = len(data.y_train)
-    steps_per_epoch = -(-n // batch_size)
+    steps_per_epoch = -(-len(data.y_train) // batch_size)
     model = variant.patch(copy.deepcopy(init_model), steps_per_epoch)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order_gen = torch.Generator().manual_seed(seed)  # the same batch order for every variant
-    step_times: list[float] = []
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{variant.name:>8}", unit="step", disable=not progress)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=order_gen)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            step_times.append(time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
+    step_times = train(model, data, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
+                       desc=variant.name)
     active_train = _active_fractions(model)
     # No re-hash before evaluating: the network co-adapts to the tables it trains with. Re-hashing the final weights
     # lowered test accuracy after 15 of 16 epoch counts (seed 0, 1-16 epochs; -13.5 to +2.0 points), e.g.
@@ -271,6 +289,81 @@ def run_demo(
     for row in rows:
         row["step_ratio"] = row["step_ms"] / rows[0]["step_ms"]
     return rows
+
+
+# ---------------------------------------------------------------------- converting a trained model
+CONVERT_METHODS = ("alsh", "sketch", "milf", "lowrank", "csg")
+
+
+@torch.no_grad()
+def _weight_error(dense: nn.Module, model: nn.Module) -> float | None:
+    """Largest relative weight error ``||W' - W|| / ||W||`` over the converted layers that factor their weight
+    (None for ALSH, which keeps the dense Parameters)."""
+    dense_modules = dict(dense.named_modules())
+    errors = [
+        float((m.weight - dense_modules[name].weight).norm() / dense_modules[name].weight.norm())
+        for name, m in model.named_modules()
+        if tritonslide.nn.ALSHConv2d is not type(m) and getattr(type(m), "replaces", None) is not None
+    ]
+    return max(errors) if errors else None
+
+
+def convert_and_finetune(
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    progress: bool = True,
+    methods: tuple[str, ...] = CONVERT_METHODS,
+) -> list[dict[str, Any]]:
+    """Train the 3-layer CNN dense for ``epochs``, convert a copy with every method (``tritonslide.patch(model,
+    method)``: default config and budget, first conv dense, ``init="auto"`` fits the trained weights), and
+    fine-tune each copy for as many epochs with the same optimizer (Adam, lr 1e-3) and batch order.
+
+    One row per method (the first is ``dense``): ``accuracy_converted`` (test accuracy right after conversion),
+    ``accuracy`` (after fine-tuning; dense: after training), ``output_error`` (relative error of the test logits
+    right after conversion, ``||f'(x) - f(x)|| / ||f(x)||``), ``weight_error`` (largest relative weight error of a
+    converted layer; None for ALSH) and ``params`` (trainable parameters).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"convert_and_finetune: epochs must be an int >= 1, got {epochs!r}")
+    data = load_digits_split(seed)
+    torch.manual_seed(seed)
+    dense = three_layer_cnn()
+    train(dense, data, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, desc="dense")
+    accuracy = evaluate(dense, data.x_test, data.y_test, batch_size)
+    with torch.no_grad():
+        logits = dense(data.x_test)
+    rows = [{"method": "dense", "accuracy_converted": accuracy, "accuracy": accuracy, "output_error": 0.0,
+             "weight_error": 0.0, "params": sum(p.numel() for p in dense.parameters())}]
+    for method in methods:
+        model = tritonslide.patch(copy.deepcopy(dense), method)
+        converted = evaluate(model, data.x_test, data.y_test, batch_size)  # eval mode; batches as in training
+        with torch.no_grad():
+            error = float((model(data.x_test) - logits).norm() / logits.norm())
+        weight_error = _weight_error(dense, model)
+        train(model, data, epochs=epochs, batch_size=batch_size, seed=seed + 1, progress=progress, desc=method)
+        rows.append({
+            "method": method, "accuracy_converted": converted,
+            "accuracy": evaluate(model, data.x_test, data.y_test, batch_size), "output_error": error,
+            "weight_error": weight_error, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        })
+    return rows
+
+
+def format_conversion_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`convert_and_finetune`'s rows."""
+    lines = ["| method | params | logit error after conversion | largest layer weight error | "
+             "test acc % after conversion | after fine-tuning | vs dense (points) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    dense = rows[0]["accuracy"]
+    for row in rows:
+        weight = "-" if row["weight_error"] is None else f"{row['weight_error']:.3f}"
+        lines.append(
+            f"| {row['method']} | {row['params']:,} | {row['output_error']:.3f} | {weight} | "
+            f"{100 * row['accuracy_converted']:.1f} | {100 * row['accuracy']:.1f} | "
+            f"{100 * (row['accuracy'] - dense):+.1f} |"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- report
@@ -328,18 +421,22 @@ def report(rows: list[dict[str, Any]], *, epochs: int, batch_size: int, seed: in
 
 
 __all__ = [
+    "CONVERT_METHODS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EPOCHS",
     "VARIANTS",
     "DigitsSplit",
     "MissingDemoDependency",
     "Variant",
+    "convert_and_finetune",
     "evaluate",
+    "format_conversion_table",
     "format_table",
     "load_digits_split",
     "report",
     "require_demo_dependencies",
     "run_demo",
     "three_layer_cnn",
+    "train",
     "train_variant",
 ]

@@ -7,14 +7,16 @@ working), and nothing is monkey-patched globally.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable
 
 from torch import nn
 
 import tritonslide.nn  # noqa: F401 - importing the layers registers their methods
-from tritonslide._registry import METHODS, MethodSpec, is_tritonslide_layer
-from tritonslide.configs import ALSHConfig
+from tritonslide._registry import METHODS, MethodSpec, is_tritonslide_layer, method_of
+from tritonslide.configs import ALSHConfig, MILFConfig
+from tritonslide.nn._common import resolve_init, same_config
 from tritonslide.nn.alsh import ALSHLayerStats, ALSHSelector
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -74,47 +76,108 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 
 def _default_filter(model: nn.Module) -> FilterFn:
-    """The papers keep the first convolution dense (CNN-SLIDE sec. 5, CSG sec. 3): every conv but the first."""
-    first = _first_conv_name(model)
+    """The papers keep the first convolution dense (CNN-SLIDE sec. 5, CSG sec. 3): every conv but the first. A
+    model that is itself a convolution has no other to convert, so it is converted."""
+    first = None if _is_conv_like(model) else _first_conv_name(model)
     return lambda module, fqn: fqn != first
 
 
-def patch(model: nn.Module, config: ConfigLike = None, *, filter_fn: FilterFn | None = None) -> nn.Module:
+def _with_init(config, init: str | None):
+    """``config`` with its ``init`` (MILF: its sketch's) replaced; ALSH reuses the dense weights and has none."""
+    if init is None:
+        return config
+    if isinstance(config, MILFConfig):
+        return dataclasses.replace(config, sketch=dataclasses.replace(config.sketch, init=init))
+    if not any(f.name == "init" for f in dataclasses.fields(config)):
+        raise TypeError(
+            f"tritonslide.patch: init= applies to the methods that factor the weight (sketch, milf, lowrank, csg); "
+            f"{type(config).__name__} reuses the dense Parameters"
+        )
+    return dataclasses.replace(config, init=init)
+
+
+def patch(
+    model: nn.Module,
+    config: ConfigLike = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    init: str | None = None,
+    **options: Any,
+) -> nn.Module:
     """Swap the convolutions of ``model`` for tritonslide layers, in place; returns ``model``.
 
     ``config``: a config object or a method name (``"alsh"``, ``"sketch"``, ``"milf"``, ``"lowrank"``, ``"csg"``);
     None means ``ALSHConfig()``. By default every module the method converts (``nn.Conv2d``; ``nn.Linear`` too
     for sketching) except the first convolution of the model is converted; ``filter_fn(module, qualified_name)
-    -> bool`` overrides that choice. Layers already converted are left as they are, so patching twice changes nothing.
-    Targets that cannot be converted (groups > 1, non-zero padding modes, transposed convolutions) stay dense and
-    are listed in one warning. Consecutive ALSH layers inside an ``nn.Sequential`` separated only by
-    zero-preserving modules are linked for last-active-set sharing. When ``model`` itself is a convolution the
-    converted layer is returned (there is no parent to swap it in).
+    -> bool`` overrides that choice. When ``model`` itself is a convolution it is converted and the new layer
+    returned (there is no parent to swap it in): use the return value.
+
+    ``init`` overrides the config's ``init`` (sketch, milf, lowrank, csg): ``"fit"`` fits the new factors to the
+    dense weights (a trained model: the error is at most the weight's norm), ``"scratch"`` draws them at the dense
+    layer's default output scale (a model about to be trained from scratch), ``"unbiased"`` (sketch, milf) is the
+    paper's estimator; ``"auto"`` (the configs' default) takes ``"scratch"`` when every layer to convert is
+    statistically indistinguishable from a random init (:func:`tritonslide.nn.looks_untrained`: a fresh model),
+    else ``"fit"``. The converted layers' ``config.init`` records the choice.
+    Method options: ``generator=`` (csg) a pre-trained :class:`~tritonslide.nn.SliceGenerator` to use as the
+    shared generator (sec. 4.3; frozen when ``CSGConfig(freeze_generator=True)``).
+
+    Layers already converted are left as they are, so patching twice changes nothing; layers that a filter
+    selects but that hold another method or config keep them, listed in a warning. Targets that cannot be
+    converted (groups > 1, non-zero padding modes, transposed convolutions) stay dense and are listed in one
+    warning. Consecutive ALSH layers inside an ``nn.Sequential`` separated only by zero-preserving modules are
+    linked for last-active-set sharing.
     """
-    config = _resolve_config(config)
+    config = _with_init(_resolve_config(config), init)
     spec = _spec_for(config)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        takes = f"takes only {list(spec.options)}" if spec.options else "takes no options"
+        raise TypeError(f"tritonslide.patch: unexpected keyword(s) {unknown} for method {spec.name!r}, which {takes}")
     keep = filter_fn if filter_fn is not None else _default_filter(model)
     skipped: list[str] = []
-    context = spec.make_context(model, config) if spec.make_context is not None else None
+    kept: list[str] = []
+    targets: list[tuple[str, nn.Module]] = []
     for fqn, module in list(model.named_modules()):  # a copy: the tree changes below
-        layer_cls = spec.layer_for(module)
-        if is_tritonslide_layer(module) or layer_cls is None:
+        if is_tritonslide_layer(module):
+            if keep(module, fqn) and not same_config(module.config, config):
+                kept.append(f"{fqn or '<model>'} ({method_of(module)})")
             continue
-        if not keep(module, fqn):
+        if spec.layer_for(module) is None or not keep(module, fqn):
             continue
         reason = spec.unconvertible_reason(module, config)
         if reason is not None:
             skipped.append(f"{fqn or '<model>'} ({reason})")
             continue
-        new = layer_cls.from_dense(module, config, name=fqn, context=context)
-        if fqn == "":
-            model = new
-        else:
-            _set_submodule(model, fqn, new)
+        targets.append((fqn, module))
+    if kept:
+        warnings.warn(
+            f"tritonslide.patch: {len(kept)} layer(s) already converted keep their method and config instead of "
+            f"{spec.name!r}: " + ", ".join(kept) + " (unpatch first to convert them again)", UserWarning, stacklevel=2
+        )
     if skipped:
         warnings.warn(
             f"tritonslide.patch: {len(skipped)} layer(s) left dense: " + ", ".join(skipped), UserWarning, stacklevel=2
         )
+    convs = [(fqn, m) for fqn, m in model.named_modules() if _is_conv_like(m)]
+    if filter_fn is None and not (targets or kept or skipped) and len(convs) == 1:
+        first, only = convs[0]
+        if spec.layer_for(only) is not None and not is_tritonslide_layer(only):
+            warnings.warn(
+                f"tritonslide.patch: nothing converted: the only convolution, {first!r}, is the model's first, which "
+                f"stays dense by default (as in the papers); pass filter_fn=lambda module, name: True to convert it",
+                UserWarning, stacklevel=2,
+            )
+    if getattr(config, "init", None) == "auto" or getattr(getattr(config, "sketch", None), "init", None) == "auto":
+        config = _with_init(config, resolve_init("auto", [m.weight for _, m in targets]))
+    context = None
+    if spec.make_context is not None:
+        context = spec.make_context(model, config, [m for _, m in targets], **options)
+    for fqn, module in targets:
+        new = spec.layer_for(module).from_dense(module, config, name=fqn, context=context)
+        if fqn == "":
+            model = new
+        else:
+            _set_submodule(model, fqn, new)
     link_active_sets(model)
     return model
 
@@ -239,7 +302,10 @@ class TrainAndReplace:
     ) -> None:
         if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
             raise ValueError(f"TrainAndReplace: gap must be an int >= 1, got {gap!r}")
-        self.model, self.config, self.gap = model, _resolve_config(config), gap
+        config = _resolve_config(config)
+        if getattr(config, "init", None) == "auto" or getattr(getattr(config, "sketch", None), "init", None) == "auto":
+            config = _with_init(config, "fit")  # the layers it replaces have trained (gap epochs at least)
+        self.model, self.config, self.gap = model, config, gap
         self.filter_fn = filter_fn if filter_fn is not None else _default_filter(model)
         self.epoch = 0
 

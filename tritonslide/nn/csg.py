@@ -16,19 +16,20 @@ Omidvar et al., "Associative Convolutional Layers", shared/papers/003:
   text (2.1.1, Fig. 1); the authors' code views the generated vectors row-major as the padded kernel, which is the
   same tiling only when the padded input-channel count equals s2 (any fixed placement trains alike from scratch).
 - a pre-trained, frozen CSG (4.3): ``CSGConfig(freeze_generator=True)`` gives ``A_CSG`` ``requires_grad=False``;
-  only the codes (and biases) train. To fit the codes against a pre-trained generator, pass it as ``context`` to
-  ``CSGConv2d.from_dense``, or let ``patch`` find it: ``make_context`` reuses any :class:`SliceGenerator` of the
-  config's shape inside the patched module, so ``patch(nn.ModuleDict({"model": model, "csg": generator}), cfg)``
-  converts ``model`` against it without changing ``model``'s forward (setting ``model.csg = generator`` works for
-  custom modules too, but not for an ``nn.Sequential``, which would call it).
+  only the codes (and biases) train. ``patch(model, cfg, generator=g)`` converts ``model`` against a pre-trained
+  ``g``; ``make_context`` also reuses any :class:`SliceGenerator` of the config's shape already inside the patched
+  module (an earlier patch's, or one attached by the user), and ``CSGConv2d.from_dense(conv, cfg, context=g)``
+  converts a single layer against ``g``.
 
 Converting a trained conv (``from_dense``) fits the codes by least squares against the generator. With a random
 generator the fit keeps only about ``n_c / (s1 s2 s3 s4)`` = 128 / 2304 = 5.6% of the energy of an unstructured
 kernel (relative error ~0.97): the paper does not convert trained convs; it trains codes and CSG from scratch
-(4.2), or codes from scratch against a CSG pre-trained with another network (4.3). :meth:`SliceGenerator.fit_`
-sets ``A_CSG`` to the best linear generator for given dense kernels (truncated SVD of their slices, Eckart-Young),
-after which ``from_dense`` starts closer to the dense layers, exactly on them when they hold at most n_c whole
-slices in all (an extension of the paper; unstructured 256->256 kernels stay at a relative error of ~0.89).
+(4.2), or codes from scratch against a CSG pre-trained with another network (4.3). So when ``patch`` creates the
+generator for a trained model it first fits it to the kernels it converts (:meth:`SliceGenerator.fit_`: truncated
+SVD of their slices, Eckart-Young, then alternating least squares over every tile, partial ones included), after
+which the layers start closer to the dense ones, exactly on them when they hold at most n_c whole slices in all
+(an extension of the paper; unstructured 256->256 kernels stay at a relative error of ~0.89). A fresh model
+(``init="auto"`` resolving to ``"scratch"``) gets random codes at the dense layers' scale instead.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from tritonslide.nn._common import (
     dense_conv_like,
     explicit_padding,
     layer_seed,
+    resolve_init,
 )
 
 Shape4 = tuple[int, int, int, int]
@@ -101,6 +103,19 @@ def _tile_groups(shape: Shape4, slice_shape: Shape4):
             yield idx, extent
 
 
+def _present_entries(slice_shape: Shape4, extent: Shape4) -> torch.Tensor:
+    """Flat indices (row-major in the slice) of the entries of a tile cropped to ``extent``."""
+    mask = torch.zeros(slice_shape, dtype=torch.bool)
+    mask[: extent[0], : extent[1], : extent[2], : extent[3]] = True
+    return mask.flatten().nonzero().flatten()
+
+
+def _orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """The Q of ``a``'s QR with the signs of R's diagonal made positive (unique for a full-rank ``a``)."""
+    q, r = torch.linalg.qr(a)
+    return q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q)
+
+
 # generator -> (the float64 CPU copy of A_CSG the entries were computed from, {present extent: pinv(A_t)}); weak
 # keys, so a dropped generator frees its entry; compared by value, as `.data` writes do not bump `_version`
 _PINV_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -117,10 +132,12 @@ class SliceGenerator(nn.Module):
     """The Convolutional Slice Generator ``A_CSG`` (sec. 3.1, eq. 1): ``vec(slice) = A_CSG c``, no bias.
 
     ``weight`` is ``A_CSG``, shape (s1 s2 s3 s4, n_c) (``nn.Linear``'s layout, so ``forward`` is ``F.linear``).
-    Initialization (the paper says only "random initial values", 4.2): ``N(0, 1 / n_c)`` entries from a
-    ``torch.Generator`` seeded with ``seed``, so a slice has the variance of its code's entries; codes drawn like
-    ``nn.Conv2d``'s weights then give generated kernels with ``nn.Conv2d``'s initial variance. ``frozen=True``
-    (a pre-trained CSG, 4.3) sets ``requires_grad=False``; the generator stays a submodule (saved, moved by ``.to()``).
+    Initialization (the paper says only "random initial values", 4.2): a random matrix with orthonormal columns
+    (the Q of a seeded Gaussian matrix's QR), ``A_CSG^T A_CSG = I``. The scale matters for training with the
+    dense model's optimizer: under SGD a code's step moves its slice by ``-lr A A^T G``, i.e. at most the dense
+    step (a projection of it); with ``N(0, 1/n_c)`` entries ``A A^T`` has eigenvalues near ``S / n_c`` = 18, and
+    converted networks diverged at the dense learning rate. ``frozen=True`` (a pre-trained CSG, 4.3) sets
+    ``requires_grad=False``; the generator stays a submodule (saved, moved by ``.to()``).
     """
 
     def __init__(
@@ -138,9 +155,12 @@ class SliceGenerator(nn.Module):
         self.slice_shape: Shape4 = cfg.slice_shape
         self.code_size = cfg.code_size
         numel = math.prod(self.slice_shape)
+        if self.code_size > numel:
+            raise ValueError(f"SliceGenerator: code_size {self.code_size} exceeds the {numel} entries of a slice")
         gen = torch.Generator().manual_seed(seed)
-        a = torch.randn(numel, self.code_size, generator=gen, dtype=torch.float32) / math.sqrt(self.code_size)
-        self.weight = nn.Parameter(a.to(device=device, dtype=dtype), requires_grad=not frozen)
+        a = _orthonormal_columns(torch.randn(numel, self.code_size, generator=gen, dtype=torch.float64))
+        self.weight = nn.Parameter(a.to(device=device, dtype=dtype or torch.get_default_dtype()),
+                                   requires_grad=not frozen)
 
     @classmethod
     def from_config(
@@ -162,31 +182,59 @@ class SliceGenerator(nn.Module):
         return F.linear(codes, self.weight).unflatten(-1, self.slice_shape)
 
     @torch.no_grad()
-    def fit_(self, weights: Iterable[torch.Tensor]) -> "SliceGenerator":
-        """Set ``A_CSG`` to the best generator for the whole slices of ``weights`` (dense (O, C, kh, kw) kernels).
+    def fit_(self, weights: Iterable[torch.Tensor], steps: int = 3) -> "SliceGenerator":
+        """Set ``A_CSG`` to the generator that best represents the dense (O, C, kh, kw) ``weights``, each tile
+        with its own least-squares code: ``min_A sum_t min_c ||A_t c - w_t||^2`` over every tile of every kernel,
+        ``A_t`` the rows of ``A`` of the entries that lie inside the kernel (edge tiles are partial).
 
-        Stacking the vectorized slices as the rows of ``T`` (N, S), ``min_A sum_i min_c ||A c - t_i||^2`` is solved
-        by the top ``n_c`` right singular vectors of ``T`` (Eckart-Young); the columns are scaled to norm
-        ``sqrt(S / n_c)``, the expected norm under the random init, so codes keep their scale. Edge (partial)
-        slices are left out: their missing entries are not zeros to be fitted. Not in the paper (an extension
-        that makes ``from_dense`` start close to trained weights); fit codes afterwards (``CSGConv2d.fit_codes_``).
+        Start: the top ``n_c`` right singular vectors of the matrix of whole slices (Eckart-Young: the optimum
+        when every tile is whole); without whole slices, the current ``A``. Then ``steps`` rounds of alternating
+        least squares over all tiles, partial ones included: codes per tile given ``A``, then each row of ``A``
+        given the codes of the tiles that contain its entry (a round never increases the error). The columns are
+        orthonormalized at the end (a change of basis of the code space: the fit is unchanged). Not in the paper
+        (which trains the CSG from random values, 4.2): it lets ``patch`` convert a trained network.
         """
-        rows, numel = [], self.weight.shape[0]
-        if self.code_size > numel:
-            raise ValueError(f"SliceGenerator.fit_: code_size {self.code_size} exceeds the {numel} entries of a slice")
+        numel, n_c, s = self.weight.shape[0], self.code_size, self.slice_shape
+        groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (entry indices inside a slice, tiles (n, P))
+        whole = []
         for w in weights:
             if w.dim() != 4:
                 raise ValueError(f"SliceGenerator.fit_: expected (O, C, kh, kw) kernels, got shape {tuple(w.shape)}")
-            idx, extent = next(_tile_groups(tuple(w.shape), self.slice_shape))  # the first group: whole tiles
-            if extent == self.slice_shape:
-                rows.append(split_slices(w.detach().double().cpu(), self.slice_shape)[idx].reshape(-1, numel))
-        if not rows:
-            raise ValueError(f"SliceGenerator.fit_: no kernel holds a whole {list(self.slice_shape)} slice")
-        t = torch.cat(rows)
-        # full_matrices: with fewer slices than n_c the remaining columns are an orthonormal completion
-        _, _, vh = torch.linalg.svd(t, full_matrices=True)
-        a = vh[: self.code_size].T * math.sqrt(numel / self.code_size)
-        self.weight.copy_(a.to(self.weight))
+            tiles = split_slices(w.detach().to(device="cpu", dtype=torch.float64), s)
+            for idx, extent in _tile_groups(tuple(w.shape), s):
+                b = tiles[idx][..., : extent[0], : extent[1], : extent[2], : extent[3]].reshape(-1, math.prod(extent))
+                groups.append((_present_entries(s, extent), b))
+                if extent == s:
+                    whole.append(b)
+        if not groups:
+            raise ValueError("SliceGenerator.fit_: no kernel to fit")
+        if whole:
+            # full_matrices: with fewer slices than n_c the remaining columns are an orthonormal completion
+            a = torch.linalg.svd(torch.cat(whole), full_matrices=True)[2][:n_c].T
+        else:
+            a = self.weight.detach().to(device="cpu", dtype=torch.float64, copy=True)  # rows are updated in place
+        for _ in range(steps):
+            codes = [b @ torch.linalg.pinv(a[ent]).T for ent, b in groups]
+            # rows of A: entry e is fitted by the tiles whose group covers it; entries sharing the same set of
+            # covering groups share one Gram matrix (at most 16 distinct sets)
+            cover = torch.zeros(len(groups), numel, dtype=torch.bool)
+            for g, (ent, _) in enumerate(groups):
+                cover[g, ent] = True
+            patterns, which = torch.unique(cover.T, dim=0, return_inverse=True)
+            for p, pattern in enumerate(patterns):
+                rows = (which == p).nonzero().flatten()
+                members = pattern.nonzero().flatten().tolist()
+                if not members:
+                    continue
+                gram = sum(codes[g].T @ codes[g] for g in members)
+                rhs = 0
+                for g in members:
+                    ent, b = groups[g]
+                    full = torch.zeros(b.shape[0], numel, dtype=torch.float64)
+                    full[:, ent] = b
+                    rhs = rhs + full[:, rows].T @ codes[g]
+                a[rows] = rhs @ torch.linalg.pinv(gram)
+        self.weight.copy_(_orthonormal_columns(a).to(self.weight))
         return self
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -207,7 +255,9 @@ class SliceGenerator(nn.Module):
 class CSGConv2d(ConfigState, nn.Module):
     """Drop-in for ``nn.Conv2d`` (groups=1, zero padding) whose kernel is generated by a :class:`SliceGenerator`.
 
-    ``codes``: Parameter (n_o, n_i, n_h, n_w, n_c), one code vector per slice of the kernel tiling (2.1.1);
+    ``codes``: Parameter (n_o n_i n_h n_w, n_c), one code vector per slice of the kernel tiling (2.1.1), tiles in
+    row-major order of the (n_o, n_i, n_h, n_w) grid (:attr:`grid`; :meth:`codes_grid` is that view); 2-d, so
+    ``.to(memory_format=torch.channels_last)`` leaves it alone;
     ``generator``: the ``A_CSG`` submodule, usually one module shared by every layer of the model (``patch``);
     ``bias``: as in ``nn.Conv2d``. Forward: ``conv2d(x, W, bias)`` with ``W = assemble(A_CSG codes)`` (eq. 1), the
     kernel generated once per forward (O C kh kw values, plus the cropped parts of edge slices).
@@ -247,17 +297,28 @@ class CSGConv2d(ConfigState, nn.Module):
             generator = SliceGenerator.from_config(config, seed=seed, **factory)
         self._check_generator(generator, torch.empty(0, **factory))
         self.generator = generator
-        grid = _grid(self.weight_shape, config.slice_shape)
-        self.codes = nn.Parameter(torch.empty(*grid, config.code_size, **factory))
+        self.grid: Shape4 = _grid(self.weight_shape, config.slice_shape)
+        self.codes = nn.Parameter(torch.empty(math.prod(self.grid), config.code_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         if _init_params:
-            # codes ~ U(-b, b) with nn.Conv2d's bound b = 1 / sqrt(fan_in); with A_CSG ~ N(0, 1/n_c) every generated
-            # weight then has nn.Conv2d's variance b^2 / 3 (kaiming_uniform with a = sqrt(5)).
-            bound = 1 / math.sqrt(in_channels * self.kernel_size[0] * self.kernel_size[1])
-            with torch.no_grad():
-                self.codes.uniform_(-bound, bound)
-                if self.bias is not None:
-                    self.bias.uniform_(-bound, bound)
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Codes for training from scratch: ``U(-b, b)`` with ``b = sqrt(S / (n_c fan_in))``. A_CSG's columns are
+        orthonormal, so its rows have mean squared norm ``n_c / S`` and every generated weight has variance
+        ``(n_c / S) b^2 / 3 = 1 / (3 fan_in)``, nn.Conv2d's (kaiming_uniform with a = sqrt(5)). The bias is
+        nn.Conv2d's ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. Draws use the global RNG, as nn layers do."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        numel, n_c = math.prod(self.config.slice_shape), self.config.code_size
+        bound = math.sqrt(numel / (n_c * fan_in))
+        self.codes.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def codes_grid(self) -> torch.Tensor:
+        """``codes`` viewed as (n_o, n_i, n_h, n_w, n_c), one code per tile of the kernel grid."""
+        return self.codes.view(*self.grid, self.config.code_size)
 
     @property
     def weight_shape(self) -> Shape4:
@@ -291,12 +352,18 @@ class CSGConv2d(ConfigState, nn.Module):
         reason = conv_unconvertible_reason(conv)
         if reason is not None:
             raise ValueError(f"CSGConv2d.from_dense({name or type(conv).__name__}): cannot convert: {reason}")
+        init = resolve_init(config.init, [])
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv), conv.dilation,
             conv.bias is not None, config, generator=context, seed=layer_seed(config.seed, name),
-            device=conv.weight.device, dtype=conv.weight.dtype, _init_params=False, _name=name,
+            device=conv.weight.device, dtype=conv.weight.dtype, _init_params=init == "scratch", _name=name,
         )
-        layer.fit_codes_(conv.weight)
+        if init == "fit":
+            layer.fit_codes_(conv.weight)
+        else:  # "scratch": the dense layer's own init scale (torchvision's kaiming_normal, say), not nn's default
+            with torch.no_grad():
+                scale = conv.weight.detach().norm() / layer.generated_weight().norm().clamp_min(1e-30)
+                layer.codes.mul_(scale.to(layer.codes))
         if conv.bias is not None:
             layer.bias = conv.bias
         return layer
@@ -323,17 +390,17 @@ class CSGConv2d(ConfigState, nn.Module):
         pinvs = _pinv_cache(self.generator, a)
         a = a.reshape(*s, n_c)
         tiles = split_slices(weight.detach().to(device="cpu", dtype=torch.float64), s)
-        codes = torch.zeros(self.codes.shape, dtype=torch.float64)
+        codes = torch.zeros(*self.grid, n_c, dtype=torch.float64)
         for idx, extent in _tile_groups(self.weight_shape, s):
             if extent not in pinvs:
                 pinvs[extent] = torch.linalg.pinv(a[: extent[0], : extent[1], : extent[2], : extent[3]].flatten(0, 3))
             b = tiles[idx][..., : extent[0], : extent[1], : extent[2], : extent[3]]
             codes[idx] = (b.flatten(4) @ pinvs[extent].T).reshape(*b.shape[:4], n_c)
-        self.codes.copy_(codes)
+        self.codes.copy_(codes.view(self.codes.shape))
 
     def generated_weight(self) -> torch.Tensor:
         """The (O, C, kh, kw) kernel ``assemble(A_CSG c_i)`` (eq. 1), differentiable in the codes and ``A_CSG``."""
-        return assemble_slices(self.generator(self.codes), self.weight_shape)
+        return assemble_slices(self.generator(self.codes_grid()), self.weight_shape)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -365,7 +432,7 @@ class CSGConv2d(ConfigState, nn.Module):
     # ------------------------------------------------------------------ accounting
     @property
     def num_slices(self) -> int:
-        return math.prod(self.codes.shape[:4])
+        return math.prod(self.grid)
 
     def param_count(self) -> int:
         """The layer's own Parameters: codes (one n_c vector per slice) and bias. The shared generator is counted
@@ -397,26 +464,42 @@ class CSGConv2d(ConfigState, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, slices={list(self.codes.shape[:4])} of "
+            f"padding={self.padding}, dilation={self.dilation}, slices={list(self.grid)} of "
             f"{list(self.config.slice_shape)}, code_size={self.config.code_size}, bias={self.bias is not None}"
         )
 
 
-def make_context(model: nn.Module, config: CSGConfig) -> SliceGenerator:
+def make_context(
+    model: nn.Module, config: CSGConfig, targets: list[nn.Module], generator: SliceGenerator | None = None
+) -> SliceGenerator:
     """The one generator ``patch`` hands to every converted layer (one ``A_CSG`` per network, 3.1).
 
-    A :class:`SliceGenerator` of the config's slice shape and code size already in ``model`` (one of an earlier
-    patch, of ``TrainAndReplace``, or a pre-trained one attached by the user) is reused, its ``requires_grad`` set
-    by ``config.freeze_generator``; otherwise a new one seeded with ``config.seed`` on the device and dtype of the
-    model's first ``nn.Conv2d``.
+    In order: ``generator`` (``patch(..., generator=g)``: a pre-trained CSG, sec. 4.3); a :class:`SliceGenerator` of
+    the config's slice shape and code size already in ``model`` (one of an earlier patch, of ``TrainAndReplace``,
+    or a pre-trained one attached by the user); either is used as it is (refitting it would change the layers that
+    already use it), its ``requires_grad`` set by ``config.freeze_generator``. Otherwise a new one, seeded with
+    ``config.seed``, on the device and dtype of the model's first ``nn.Conv2d``, and with ``init="fit"`` fitted to
+    the kernels of ``targets`` (the layers about to be converted, :meth:`SliceGenerator.fit_`).
     """
-    for module in model.modules():
-        if isinstance(module, SliceGenerator) and module.matches(config):
-            module.weight.requires_grad_(not config.freeze_generator)
-            return module
+    if generator is not None:
+        if not isinstance(generator, SliceGenerator):
+            raise TypeError(f"tritonslide.patch: generator must be a SliceGenerator, got {type(generator).__name__}")
+        if not generator.matches(config):
+            raise ValueError(
+                f"tritonslide.patch: the generator makes {list(generator.slice_shape)} slices from codes of size "
+                f"{generator.code_size}, the config asks for {list(config.slice_shape)} / {config.code_size}"
+            )
+    else:
+        generator = next((m for m in model.modules() if isinstance(m, SliceGenerator) and m.matches(config)), None)
+    if generator is not None:
+        generator.weight.requires_grad_(not config.freeze_generator)
+        return generator
     ref = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    return SliceGenerator.from_config(config, **factory)
+    generator = SliceGenerator.from_config(config, **factory)
+    if targets and resolve_init(config.init, [m.weight for m in targets]) == "fit":
+        generator.fit_([m.weight for m in targets])
+    return generator
 
 
 register_method(
@@ -426,5 +509,6 @@ register_method(
         converters=((nn.Conv2d, CSGConv2d), (nn.ConvTranspose2d, CSGConv2d)),
         unconvertible_reason=lambda module, config: conv_unconvertible_reason(module),
         make_context=make_context,
+        options=("generator",),
     )
 )

@@ -55,6 +55,7 @@ from tritonslide.nn._common import (
     conv_unconvertible_reason,
     dense_conv_like,
     explicit_padding,
+    resolve_init,
 )
 
 # The separable 'filter' path keeps C*r intermediate maps per output map for the backward; 256 -> 256 at r = 1 on
@@ -151,29 +152,27 @@ class LowRankConv2d(ConfigState, nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Factors of the best rank-r approximation of an ``nn.Conv2d``-initialized kernel (kaiming uniform,
-        a = sqrt(5): entries U(-1/sqrt(fan_in), 1/sqrt(fan_in))), rescaled so that the reconstructed kernel has that
-        kernel's Frobenius norm (truncation alone would shrink it); the bias as in ``nn.Conv2d``."""
-        ref = self.horizontal
-        weight = torch.empty(self.out_channels, self.in_channels, *self.kernel_size, device=ref.device,
-                             dtype=ref.dtype)
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        self._set_factors(weight, keep_norm=True)
+        """Training from scratch: i.i.d. ``U(-1, 1)`` factors rescaled (each by the same factor, so they stay
+        balanced) so that the reconstructed kernel has ``nn.Conv2d``'s expected norm, ``E||W||^2 = numel / (3
+        fan_in)`` (kaiming_uniform with a = sqrt(5)); the bias as in ``nn.Conv2d``. Draws use the global RNG, as nn
+        layers do. (An SVD of a drawn dense kernel, as ``from_dense`` does, costs ~0.6 s per 512-channel layer.)"""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.vertical.uniform_(-1, 1)
+        self.horizontal.uniform_(-1, 1)
+        target = math.sqrt(self.out_channels * fan_in / (3 * fan_in)) if fan_in > 0 else 0.0
+        norm = float(self.reconstructed_weight().norm())
+        if norm > 0:
+            root = math.sqrt(target / norm)
+            self.vertical.mul_(root)
+            self.horizontal.mul_(root)
         if self.bias is not None:
-            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
     @torch.no_grad()
-    def _set_factors(self, weight: torch.Tensor, keep_norm: bool = False) -> None:
+    def _set_factors(self, weight: torch.Tensor) -> None:
         factors = filter_factors if self.scheme == "filter" else channel_factors
         vertical, horizontal, _ = factors(weight, self.rank)
-        if keep_norm:
-            approx = self._reconstruct(vertical, horizontal)
-            norm, approx_norm = float(weight.double().norm()), float(approx.norm())
-            if approx_norm > 0:
-                scale = math.sqrt(norm / approx_norm)
-                vertical, horizontal = vertical * scale, horizontal * scale
         self.vertical.copy_(vertical)
         self.horizontal.copy_(horizontal)
 
@@ -182,18 +181,26 @@ class LowRankConv2d(ConfigState, nn.Module):
         cls, conv: nn.Conv2d, config: LowRankConfig | None = None, *, name: str = "", context: Any = None
     ) -> "LowRankConv2d":
         """Factor a trained ``nn.Conv2d``: its kernel's truncated SVD (float64, then cast to the conv's dtype) gives
-        the factors, new Parameters; the bias Parameter is reused (an optimizer holding it keeps working). No
-        randomness is involved, so ``name`` only names the layer in messages."""
+        the factors, new Parameters (``config.init="scratch"``: :meth:`reset_parameters` instead, for training from
+        scratch); the bias Parameter is reused (an optimizer holding it keeps working). ``name`` only names the
+        layer in messages."""
         config = LowRankConfig() if config is None else config
         reason = conv_unconvertible_reason(conv)
         if reason is not None:
             raise ValueError(f"LowRankConv2d.from_dense({name or type(conv).__name__}): cannot convert: {reason}")
+        init = resolve_init(config.init, [])
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
             conv.dilation, conv.bias is not None, config, device=conv.weight.device, dtype=conv.weight.dtype,
-            _init_weights=False,
+            _init_weights=init == "scratch",
         )
-        layer._set_factors(conv.weight)
+        if init == "fit":
+            layer._set_factors(conv.weight)
+        else:  # "scratch": the dense layer's own init scale (torchvision's kaiming_normal, say), not nn's default
+            with torch.no_grad():
+                root = (conv.weight.detach().norm() / layer.reconstructed_weight().norm().clamp_min(1e-30)).sqrt()
+                layer.vertical.mul_(root.to(layer.vertical))
+                layer.horizontal.mul_(root.to(layer.horizontal))
         if conv.bias is not None:
             layer.bias = conv.bias
         layer._name = name
@@ -209,6 +216,12 @@ class LowRankConv2d(ConfigState, nn.Module):
     def reconstructed_weight(self) -> torch.Tensor:
         """The dense (O, C, kh, kw) kernel the factors represent (differentiable in the factors)."""
         return self._reconstruct(self.vertical, self.horizontal)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The reconstructed kernel, formed on every access, for code written for ``nn.Conv2d`` (``forward`` of the
+        "channel" scheme never forms it)."""
+        return self.reconstructed_weight()
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d``: the reconstructed kernel as a new Parameter, the same bias Parameter."""

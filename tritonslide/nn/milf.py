@@ -13,7 +13,8 @@ ALSH (sec. 4.1, Feeney 2019) reduces the number of filters applied. Per batch:
 
 Gradients follow the masked output ``y = m * conv(x, W) + m * bias`` (``m`` the 0/1 mask of the active set): the
 B parts (``U1^T`` fixed, ``S2`` trainable) and the bias get gradients in the active rows only, while the A parts
-(``S1`` trainable) collect ``I_in^T G_act U1[:, act]^T / (m l)`` from all active outputs.
+(``S1`` trainable) collect ``g u1[:, act] G_act^T I_in`` from all active outputs (``g = 1 / sqrt(m)``, ``u1`` the
+orthonormal basis of the random matrices' row space, see :mod:`tritonslide.nn.sketch`).
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class MILFConv2d(ALSHSelector, SketchFactors):
     def from_dense(
         cls, conv: nn.Conv2d, config: MILFConfig | None = None, *, name: str = "", context: Any = None
     ) -> "MILFConv2d":
-        """Sketch a trained ``nn.Conv2d`` (Theorem 3.1 of shared/papers/004, as ``SketchConv2d.from_dense``) and
-        hash the reconstructed filters into fresh tables."""
+        """Sketch a trained ``nn.Conv2d`` as ``SketchConv2d.from_dense`` does (``config.sketch.init``: least
+        squares by default, Theorem 3.1's estimator with ``"unbiased"``) and hash the reconstructed filters into
+        fresh tables."""
         config = check_layer_config(config, MILFConfig, "MILFConv2d.from_dense")
         seed, alsh_seed = milf_seeds(config, name)
         layer = conv_from_dense(cls, conv, config, config.sketch, name, seed=seed, alsh_seed=alsh_seed)

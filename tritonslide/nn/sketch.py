@@ -13,27 +13,43 @@ Notation of the paper: a conv kernel ``K`` is ``d2 x h x w x d1`` (in x kh x kw 
   footnote 5, ``mat_4(S2_i (.) U2_i^T) = U2_i^T mat_4(S2_i)``) ``U2_i`` is a (k h w) x (d2 h w) random matrix
   and ``mat_4(S2_i)`` (k h w x d1) is trainable.
 
+What a layer can represent is therefore ``{U1^T S1 + S2 U2}`` (as O x d2 h w matrices, the l pairs stacked): the
+weights whose output side lies in the row space of the stacked ``U1`` plus those whose input side lies in the row
+space of the stacked ``U2``. The layer keeps, as its fixed buffers, an orthonormal basis of each of those row spaces:
+``u1``, ``u2`` are the polar factors ``(U U^T)^(-1/2) U`` of the stacked random matrices (the orthonormal matrices
+closest to them). This is a change of basis inside the sketch, not of the layer's function class, and it is what
+makes the layer train like the dense one with the dense layer's optimizer: under SGD the weight a sketch represents
+moves by ``-lr g^2 (P1 G + G P2)`` for the dense gradient ``G``, with ``P1``, ``P2`` the projections on the two row
+spaces and ``g = 1 / sqrt(m)`` (``m`` the number of modes), i.e. at most the dense step, in every direction. With the
+paper's scaled signs the step is ``-lr / (m l)^2 (U1^T U1 G + G U2^T U2)``, and ``U1^T U1`` has eigenvalues near
+``d1 / k``: 32x the dense learning rate on a 512-channel layer at k = 16 (VGG-11 diverged at SGD lr 0.01).
+
 Each term is one sketch-then-unsketch chain ``y = conv(conv(x, A), B as 1x1)`` of :func:`tritonslide.ops.
-sketch_conv2d` with ``B @ A.flatten(1) = mat_4(term)^T``: output side ``A = mat_4(S1_i)^T`` (k, C, kh, kw)
-[trainable], ``B = U1_i^T`` (O, k) [fixed]; input side ``A = U2_i`` as (k kh kw, C, kh, kw) [fixed],
-``B = mat_4(S2_i)^T`` (O, k kh kw) [trainable]. All terms are concatenated along ``r``, so a layer's forward is
-ONE op call. The scale ``1 / (2l)`` (``1 / l`` with one mode) multiplies the fixed parts when the chain is
-assembled, so the Parameters are exactly the paper's ``S`` tensors and their gradients exactly those of eq. 1 /
-sec. 3.1 (``dL/d mat_4(S1_i) = I_in^T G U1_i^T / (2l)``, ``dL/d mat_4(S2_i) = U2_i I_in^T G / (2l)``).
+sketch_conv2d` with ``B @ A.flatten(1)`` the term's (O, d2 h w) weight: output side ``A = S1`` (l k, C, kh, kw)
+[trainable], ``B = g u1^T`` (O, l k) [fixed]; input side ``A = g u2`` as (l k kh kw, C, kh, kw) [fixed],
+``B = S2`` (O, l k kh kw) [trainable]. Both sides are concatenated along ``r``, so a layer's forward is ONE op call,
+and the gradients are those of sec. 3.1 in this basis (``dL/dS1 = g u1 G^T I_in``, ``dL/dS2 = g G^T I_in u2^T``).
+
+Starting from a dense layer (``SketchConfig.init``): ``"fit"`` solves the least-squares problem
+``min ||W - g (u1^T S1 + S2 u2)||_F`` (``S1 = u1 W / g``, ``S2 = (W - P1 W) u2^T / g``), the projection of ``W``
+on the representable set, so the error never exceeds ``||W||`` (for the output side alone it is
+``||(I - P1) W||``; a random row space keeps about ``l k / d1`` of any weight's energy); ``"unbiased"`` sets the
+sketches so that the layer is exactly the paper's estimator built from the raw random matrices
+(``S1_i = U1_i W``, ``S2_i = W U2_i^T``, scale ``1 / (m l)``), unbiased with the variance of Theorems 3.1 / 3.2;
+``"scratch"`` ignores ``W`` and draws the sketches at the dense layer's default output scale.
 
 Cost per output position: ``r C kh kw + O r`` multiply-adds with ``r = l k`` (output side) plus ``l k kh kw``
 (input side). The output side (CNN-SLIDE's sketch conv) is cheaper than the dense ``O C kh kw`` when ``l k < O``
 roughly; the input side's ``k kh kw`` intermediate channels make it dearer than the dense conv for 3x3 kernels
 unless ``l k kh kw < O`` (the paper's ``O(h2 w2 l k (d1 + d2))`` ignores h and w). Both reduce parameters.
 
-SK-FC (eq. 4) is the same with ``kh = kw = 1``: ``U1_i^T S1_i h`` (``A = S1_i`` (k, in), ``B = U1_i^T``) and
-``S2_i U2_i h`` (``A = U2_i`` (k, in), ``B = S2_i`` (out, k)).
+SK-FC (eq. 4) is the same with ``kh = kw = 1``: ``U1_i^T S1_i h`` and ``S2_i U2_i h``.
 
-Random matrices (buffers, never trained, footnote 6), from a ``torch.Generator`` seeded with the layer seed: a
-matrix with ``rows`` rows is ``Z / sqrt(rows)`` with ``Z`` +-1 (``"sign"``, Def. 1) or ``U(-1, 1) * sqrt(3 / rows)``
-(``"uniform"``, CNN-SLIDE's R, shared/papers/000 sec. 4.2); both give ``E[U^T U] = I``, which is what makes the
-layer unbiased. ``U2_i`` has ``k kh kw`` rows, so its entries are ``+-1 / sqrt(k kh kw)``: that is the scale at which
-``E[U2^T U2] = I`` and the ``1 / (l k h w)`` of Theorem 3.1's second variance term.
+Random matrices, from a ``torch.Generator`` seeded with the layer seed: a matrix with ``rows`` rows is
+``Z / sqrt(rows)`` with ``Z`` +-1 (``"sign"``, Def. 1) or ``U(-1, 1) * sqrt(3 / rows)`` (``"uniform"``, CNN-SLIDE's
+R, shared/papers/000 sec. 4.2); both give ``E[U^T U] = I``, which is what makes the paper's estimator unbiased.
+Only their orthonormal bases are kept (buffers, never trained, footnote 6); ``init="unbiased"`` draws the raw
+matrices again from the seed.
 """
 
 from __future__ import annotations
@@ -58,6 +74,7 @@ from tritonslide.nn._common import (
     dense_conv_like,
     explicit_padding,
     layer_seed,
+    resolve_init,
 )
 
 
@@ -70,6 +87,14 @@ def random_matrices(
         z = torch.randint(0, 2, (count, rows, cols), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
         return z / math.sqrt(rows)
     return (torch.rand(count, rows, cols, generator=gen, dtype=torch.float64) * 2 - 1) * math.sqrt(3 / rows)
+
+
+def orthonormal_rows(m: torch.Tensor) -> torch.Tensor:
+    """The polar factor ``(M M^T)^(-1/2) M`` of an (R, D) matrix (``P Q^T`` of its thin SVD ``P S Q^T``): the
+    orthonormal matrix closest to ``M`` with the same row space. Rows are orthonormal when R <= D; with R > D the
+    columns are (``M^T M`` has full rank D almost surely)."""
+    p, _, qh = torch.linalg.svd(m, full_matrices=False)
+    return p @ qh
 
 
 def _modes(config: SketchConfig) -> tuple[bool, bool]:
@@ -131,12 +156,14 @@ def check_layer_config(config: Any, cls: type, who: str):
 class SketchFactors(ConfigState, nn.Module):
     """The sketch Parameters and random buffers of one layer: SketchConv2d, SketchLinear and MILFConv2d.
 
-    With ``l = pairs`` and ``fan_in_shape`` (C, kh, kw) or (in,), ``taps = kh kw`` (1 for SK-FC):
+    With ``l = pairs``, ``fan_in_shape`` (C, kh, kw) or (in,), ``F = prod(fan_in_shape)`` and ``taps = kh kw``
+    (1 for SK-FC); all Parameters and buffers are at most 3-d, so ``.to(memory_format=torch.channels_last)`` leaves
+    them alone:
 
-    - ``s1`` Parameter (l, k, *fan_in_shape): ``s1[i] = mat_4(S1_i)^T`` (output side; None without it);
-    - ``u1`` buffer (l, k, O): ``U1_i`` as in the paper;
-    - ``u2`` buffer (l, k*taps, C*taps): ``U2_i`` as the (k h w) x (d2 h w) matrix of the ``(.)`` definition;
-    - ``s2`` Parameter (l, O, k*taps): ``s2[i] = mat_4(S2_i)^T`` (input side; None without it);
+    - ``s1`` Parameter (l, k, F): ``S1`` (output side; None without it), ``A`` of the chain;
+    - ``u1`` buffer (l, k, O): the orthonormal basis of the stacked ``U1_i``'s row space;
+    - ``u2`` buffer (l, k*taps, F): the same for the stacked ``U2_i`` ((k h w) x (d2 h w) each);
+    - ``s2`` Parameter (l, O, k*taps): ``S2`` (input side; None without it), ``B`` of the chain;
     - ``bias`` Parameter (O,) or None.
 
     Subclasses call :meth:`_init_sketch` in ``__init__`` and :meth:`_load_dense` in ``from_dense``.
@@ -158,67 +185,109 @@ class SketchFactors(ConfigState, nn.Module):
         cfg = self.sketch_config = sketch_config
         self.fan_in_shape, self._out = tuple(int(d) for d in fan_in_shape), int(out_features)
         self._name = getattr(self, "_name", "")
+        self._sketch_seed = int(seed)  # only to draw the raw matrices again for init="unbiased"
         fan_in, taps = math.prod(self.fan_in_shape), math.prod(self.fan_in_shape[1:])
         pairs, k, o = cfg.pairs, cfg.k, self._out
         out_side, in_side = _modes(cfg)
         factory = {"device": device, "dtype": torch.get_default_dtype() if dtype is None else dtype}
-        gen = torch.Generator().manual_seed(seed)
-        # U1 for all pairs first, then U2: a layer's matrices depend on (seed, mode, shapes) only.
-        u1 = random_matrices(gen, pairs, k, o, cfg.distribution).to(**factory) if out_side else None
-        u2 = random_matrices(gen, pairs, k * taps, fan_in, cfg.distribution).to(**factory) if in_side else None
+        raw1, raw2 = self._raw_matrices()
+        u1 = orthonormal_rows(raw1.reshape(pairs * k, o)).view(raw1.shape).to(**factory) if out_side else None
+        u2 = orthonormal_rows(raw2.reshape(-1, fan_in)).view(raw2.shape).to(**factory) if in_side else None
         self.register_buffer("u1", u1)
         self.register_buffer("u2", u2)
-        s1 = nn.Parameter(torch.empty(pairs, k, *self.fan_in_shape, **factory)) if out_side else None
+        s1 = nn.Parameter(torch.empty(pairs, k, fan_in, **factory)) if out_side else None
         self.register_parameter("s1", s1)
         self.register_parameter("s2", nn.Parameter(torch.empty(pairs, o, k * taps, **factory)) if in_side else None)
         self.register_parameter("bias", nn.Parameter(torch.empty(o, **factory)) if bias else None)
         if init_weights:
             self.reset_parameters()
 
+    def _raw_matrices(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The paper's random matrices (float64, CPU): ``U1`` (l, k, O) for all pairs first, then ``U2``
+        (l, k taps, F), so a layer's matrices depend on (seed, mode, shapes) only."""
+        cfg = self.sketch_config
+        fan_in, taps = math.prod(self.fan_in_shape), math.prod(self.fan_in_shape[1:])
+        out_side, in_side = _modes(cfg)
+        gen = torch.Generator().manual_seed(self._sketch_seed)
+        u1 = random_matrices(gen, cfg.pairs, cfg.k, self._out, cfg.distribution) if out_side else None
+        u2 = random_matrices(gen, cfg.pairs, cfg.k * taps, fan_in, cfg.distribution) if in_side else None
+        return u1, u2
+
+    @property
+    def _g(self) -> float:
+        """The scale of the fixed parts, ``1 / sqrt(m)``: with both modes each side moves at most half the dense
+        step under SGD, so together at most the dense step."""
+        return 1.0 / math.sqrt(sum(_modes(self.sketch_config)))
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Training from scratch: the reconstructed weight gets nn.Conv2d / nn.Linear's default scale.
 
-        Every entry of the weight is ``c sum_i sum_r U[r, o] S[r, j]`` with ``E[U^2] = 1 / rows`` over ``rows`` terms,
-        so with m modes, ``c = 1 / (m l)`` and i.i.d. sketch entries of variance ``s^2`` its variance is
-        ``m l c^2 s^2 = s^2 / (m l)``. The default init (kaiming_uniform with a = sqrt(5)) has variance
-        ``1 / (3 fan_in)``, which ``U(-b, b)`` with ``b = sqrt(m l / fan_in)`` gives. The bias is nn's
-        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. Draws use the global RNG, as nn layers do. (MILF: the tables follow
-        only after ``rebuild_tables``.)
+        An entry of the output side's weight is ``g sum_r u1[r, o] S1[r, j]``; the columns of ``u1`` have mean
+        squared norm ``rank1 / O`` (``rank1 = min(l k, O)``, orthonormal rows), so with i.i.d. entries of variance
+        ``s^2`` its variance is ``g^2 rank1 s^2 / O``; the input side's is ``g^2 rank2 s^2 / F`` likewise. The
+        default init (kaiming_uniform with a = sqrt(5)) has variance ``1 / (3 F)``; each of the ``m = 1 / g^2``
+        modes takes ``1 / m`` of it, so ``U(-b, b)`` with ``b = sqrt(O / (F rank1))`` (S1) and
+        ``b = sqrt(1 / rank2)`` (S2). The bias is nn's ``U(-1/sqrt(F), 1/sqrt(F))``. Draws use the global RNG, as
+        nn layers do. (MILF: the tables follow only after ``rebuild_tables``.)
         """
-        fan_in, m = math.prod(self.fan_in_shape), sum(_modes(self.sketch_config))
-        bound = math.sqrt(m * self.sketch_config.pairs / fan_in)
-        for s in (self.s1, self.s2):
-            if s is not None:
-                s.uniform_(-bound, bound)
+        fan_in = math.prod(self.fan_in_shape)
+        if self.s1 is not None:
+            rank1 = min(self.u1.shape[0] * self.u1.shape[1], self._out)
+            bound = math.sqrt(self._out / (fan_in * rank1))
+            self.s1.uniform_(-bound, bound)
+        if self.s2 is not None:
+            rank2 = min(self.u2.shape[0] * self.u2.shape[1], fan_in)
+            self.s2.uniform_(-1 / math.sqrt(rank2), 1 / math.sqrt(rank2))
         if self.bias is not None:
             self.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     @torch.no_grad()
     def _load_dense(self, weight: torch.Tensor, bias: nn.Parameter | None) -> None:
-        """Theorems 3.1 / 3.2: ``mat_4(S1_i) = mat_4(K) U1_i^T`` (``S1_i = U1_i W``) and ``mat_4(S2_i) = U2_i mat_4(K)``
-        (``S2_i = W U2_i^T``), computed in float64; the bias Parameter is reused (an optimizer holding it keeps
-        working)."""
-        w = weight.detach().flatten(1).to(torch.float64)
-        if self.s1 is not None:
-            self.s1.copy_(torch.einsum("lko,of->lkf", self.u1.double(), w).reshape(self.s1.shape))
-        if self.s2 is not None:
-            self.s2.copy_(torch.einsum("of,lrf->lor", w, self.u2.double()))
+        """Set the sketches from a dense weight as ``sketch_config.init`` says (see the module docstring), in
+        float64; the bias Parameter is reused (an optimizer holding it keeps working)."""
+        init = resolve_init(self.sketch_config.init, [])
         self.bias = bias
+        if init == "scratch":  # the dense layer's own init scale (torchvision's kaiming_normal, say), not nn's
+            self.bias = None  # reset_parameters would redraw it; the dense layer's stays
+            self.reset_parameters()
+            self.bias = bias
+            scale = weight.detach().norm() / self.reconstructed_weight().norm().clamp_min(1e-30)
+            for s in (self.s1, self.s2):
+                if s is not None:
+                    s.mul_(scale.to(s))
+            return
+        w = weight.detach().flatten(1).to(device="cpu", dtype=torch.float64)
+        if init == "unbiased":  # the paper's estimate with the raw matrices (scale 1 / (m l)), fitted exactly below
+            raw1, raw2 = self._raw_matrices()
+            scale, estimate = 1.0 / (sum(_modes(self.sketch_config)) * self.sketch_config.pairs), 0
+            if raw1 is not None:
+                estimate = estimate + scale * torch.einsum("lko,lkp,pf->of", raw1, raw1, w)
+            if raw2 is not None:
+                estimate = estimate + scale * torch.einsum("op,lrp,lrf->of", w, raw2, raw2)
+            w = estimate
+        g, rest = self._g, w
+        if self.s1 is not None:
+            u1 = self.u1.to(device="cpu", dtype=torch.float64).flatten(0, 1)  # (l k, O)
+            s1 = u1 @ w / g
+            self.s1.copy_(s1.view(self.s1.shape))
+            rest = w - u1.T @ s1 * g  # the part the output side cannot represent
+        if self.s2 is not None:
+            u2 = self.u2.to(device="cpu", dtype=torch.float64).flatten(0, 1)  # (l k taps, F)
+            s2 = rest @ u2.T / g  # (O, l k taps)
+            self.s2.copy_(s2.view(self._out, *self.s2.shape[::2]).transpose(0, 1))
 
     # ------------------------------------------------------------------ the one chain
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of the chain: A (r, *fan_in_shape), B (O, r), the output-side terms first; the scale
-        ``1 / (m l)`` is applied to the fixed parts, so gradients reach the Parameters as in eq. 1 / 4. A small
-        copy (the factors), never the O x C x kh x kw weight."""
-        o = self._out
-        scale = 1.0 / (sum(_modes(self.sketch_config)) * self.sketch_config.pairs)
+        """``(A, B)`` of the chain: A (r, *fan_in_shape), B (O, r), the output-side terms first; the scale ``g``
+        multiplies the fixed parts. A small copy (the factors), never the O x C x kh x kw weight."""
+        o, g = self._out, self._g
         a_parts, b_parts = [], []
         if self.s1 is not None:
             a_parts.append(self.s1.reshape(-1, *self.fan_in_shape))
-            b_parts.append(self.u1.permute(2, 0, 1).reshape(o, -1) * scale)
+            b_parts.append(self.u1.permute(2, 0, 1).reshape(o, -1) * g)
         if self.s2 is not None:
-            a_parts.append(self.u2.reshape(-1, *self.fan_in_shape) * scale)
+            a_parts.append(self.u2.reshape(-1, *self.fan_in_shape) * g)
             b_parts.append(self.s2.transpose(0, 1).reshape(o, -1))
         if len(a_parts) == 1:
             return a_parts[0], b_parts[0]
@@ -290,7 +359,8 @@ def check_sketch_conv_input(layer: SketchFactors, x: torch.Tensor) -> None:
 
 
 def conv_from_dense(cls: type, conv: nn.Conv2d, config: Any, sketch_config: SketchConfig, name: str, **kwargs):
-    """Build ``cls`` (a SketchFactors conv layer) from ``conv`` on its device and dtype, sketches per Theorem 3.1.
+    """Build ``cls`` (a SketchFactors conv layer) from ``conv`` on its device and dtype, the sketches set as
+    ``sketch_config.init`` says (:meth:`SketchFactors._load_dense`).
 
     Raises ValueError for layers no sketch conv can replace (groups, padding modes, transposed); a sketch larger
     than the layer is allowed here (only ``patch`` skips those)."""
@@ -341,9 +411,11 @@ class SketchConv2d(SketchFactors):
     def from_dense(
         cls, conv: nn.Conv2d, config: SketchConfig | None = None, *, name: str = "", context: Any = None
     ) -> "SketchConv2d":
-        """Sketch a trained ``nn.Conv2d`` (Theorem 3.1): the output is an unbiased estimate of the conv's, with
-        ``E||err||_F^2 <= d1 ||I_in * K||^2 / (l k) + ||I_in||^2 ||K||^2 / (l k h w)``. ``name`` (the qualified
-        name ``patch`` passes) is mixed into the seed so that layers get independent random matrices."""
+        """Sketch a trained ``nn.Conv2d``: with ``init="fit"`` (and ``"auto"``, here) the least-squares sketches
+        (relative weight error at most 1); with ``init="unbiased"`` Theorem 3.1's estimator, an unbiased estimate of
+        the conv's output with ``E||err||_F^2 <= d1 ||I_in * K||^2 / (l k) + ||I_in||^2 ||K||^2 / (l k h w)``.
+        ``name`` (the qualified name ``patch`` passes) is mixed into the seed so that layers get independent random
+        matrices."""
         config = check_layer_config(config, SketchConfig, "SketchConv2d.from_dense")
         return conv_from_dense(cls, conv, config, config, name, seed=layer_seed(config.seed, name))
 
@@ -371,10 +443,10 @@ class SketchConv2d(SketchFactors):
 
 
 class SketchLinear(SketchFactors):
-    """SK-FC (Def. 4, eq. 4): drop-in for ``nn.Linear``, ``a^ = 1/(2l) sum_i U1_i^T S1_i h + S2_i U2_i h + b``,
-    computed as ONE :func:`tritonslide.ops.sketch_linear` chain (``A = [S1_i; U2_i]``, ``B = [U1_i^T, S2_i]``).
-    Parameters ``s1`` (l, k, in) = ``S1_i`` and ``s2`` (l, out, k) = ``S2_i``; buffers ``u1`` (l, k, out), ``u2``
-    (l, k, in)."""
+    """SK-FC (Def. 4, eq. 4): drop-in for ``nn.Linear``, ``a^ = g sum_i u1_i^T S1_i h + S2_i u2_i h + b`` (``u``
+    the orthonormal bases of the random matrices' row spaces, ``g = 1 / sqrt(m)``, see the module docstring),
+    computed as ONE :func:`tritonslide.ops.sketch_linear` chain (``A = [S1_i; g u2_i]``, ``B = [g u1_i^T, S2_i]``).
+    Parameters ``s1`` (l, k, in) and ``s2`` (l, out, k); buffers ``u1`` (l, k, out), ``u2`` (l, k, in)."""
 
     replaces = nn.Linear
 
@@ -401,7 +473,8 @@ class SketchLinear(SketchFactors):
     def from_dense(
         cls, linear: nn.Linear, config: SketchConfig | None = None, *, name: str = "", context: Any = None
     ) -> "SketchLinear":
-        """Sketch a trained ``nn.Linear`` (Theorem 3.2: ``S1_i = U1_i W``, ``S2_i = W U2_i^T``; unbiased, with
+        """Sketch a trained ``nn.Linear``: least squares with ``init="fit"`` (and ``"auto"``, here); with
+        ``init="unbiased"`` Theorem 3.2's estimator (``S1_i = U1_i W``, ``S2_i = W U2_i^T``; unbiased, with
         ``E||a^ - a||^2 <= d1 ||W h||^2 / (l k) + ||W||_F^2 ||h||^2 / (l k)``)."""
         config = check_layer_config(config, SketchConfig, "SketchLinear.from_dense")
         reason = lazy_module_reason(linear) or linear_unconvertible_reason(linear)
