@@ -102,6 +102,23 @@ def alexnet(num_classes: int = 1000, *, in_channels: int = 3, dropout: float = 0
 
 # ------------------------------------------------------------------------------------------------------- VGG
 
+def _vgg_mobilenet_init(model: nn.Module) -> None:
+    """torchvision's init of VGG and MobileNetV2: convs kaiming_normal (fan_out, gain sqrt(2): MobileNetV2's
+    default ``leaky_relu`` with a = 0 is ReLU's gain), BatchNorm 1 / 0, Linear N(0, 0.01), biases 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
+
 # Simonyan & Zisserman, arXiv:1409.1556, Table 1: configuration A (VGG-11) and D (VGG-16); "M" is a 2x2 max pool.
 _VGG_CONFIGS: dict[str, list[int | str]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -145,17 +162,7 @@ class VGG(nn.Module):
             nn.Dropout(p=dropout),
             nn.Linear(4096, num_classes),
         )
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        _vgg_mobilenet_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
@@ -417,17 +424,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        _vgg_mobilenet_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(self.features(x), (1, 1))

@@ -82,6 +82,11 @@ def _default_filter(model: nn.Module) -> FilterFn:
     return lambda module, fqn: fqn != first
 
 
+def _init_of(config) -> str | None:
+    """The ``init`` of a config (MILF: its sketch's); None for ALSH, which has none."""
+    return config.sketch.init if isinstance(config, MILFConfig) else getattr(config, "init", None)
+
+
 def _with_init(config, init: str | None):
     """``config`` with its ``init`` (MILF: its sketch's) replaced; ALSH reuses the dense weights and has none."""
     if init is None:
@@ -167,7 +172,7 @@ def patch(
                 f"stays dense by default (as in the papers); pass filter_fn=lambda module, name: True to convert it",
                 UserWarning, stacklevel=2,
             )
-    if getattr(config, "init", None) == "auto" or getattr(getattr(config, "sketch", None), "init", None) == "auto":
+    if _init_of(config) == "auto":
         config = _with_init(config, resolve_init("auto", [m.weight for _, m in targets]))
     context = None
     if spec.make_context is not None:
@@ -303,7 +308,7 @@ class TrainAndReplace:
         if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
             raise ValueError(f"TrainAndReplace: gap must be an int >= 1, got {gap!r}")
         config = _resolve_config(config)
-        if getattr(config, "init", None) == "auto" or getattr(getattr(config, "sketch", None), "init", None) == "auto":
+        if _init_of(config) == "auto":
             config = _with_init(config, "fit")  # the layers it replaces have trained (gap epochs at least)
         self.model, self.config, self.gap = model, config, gap
         self.filter_fn = filter_fn if filter_fn is not None else _default_filter(model)
