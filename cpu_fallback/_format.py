@@ -12,6 +12,6 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def zeros_like_format(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    """A zero (N, C, H, W) tensor of ``like``'s dtype and device, channels_last when ``like`` is."""
+    """A zero tensor of ``shape`` with ``like``'s dtype and device, channels_last when ``like`` is (4-d only)."""
     fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt).zero_()

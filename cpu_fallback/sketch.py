@@ -20,8 +20,7 @@ def _scatter_channels(y_act: torch.Tensor, out_idx: torch.Tensor | None, o: int,
         return y_act
     shape = list(y_act.shape)
     shape[dim] = o
-    out = zeros_like_format(y_act, *shape) if y_act.dim() == 4 else y_act.new_zeros(shape)
-    return out.index_copy_(dim, out_idx, y_act)
+    return zeros_like_format(y_act, *shape).index_copy_(dim, out_idx, y_act)
 
 
 def _rows(t: torch.Tensor | None, out_idx: torch.Tensor | None) -> torch.Tensor | None:

@@ -163,8 +163,10 @@ def patch(
         warnings.warn(
             f"tritonslide.patch: {len(skipped)} layer(s) left dense: " + ", ".join(skipped), UserWarning, stacklevel=2
         )
-    convs = [(fqn, m) for fqn, m in model.named_modules() if _is_conv_like(m)]
-    if filter_fn is None and not (targets or kept or skipped) and len(convs) == 1:
+    convs = [] if filter_fn is not None or targets or kept or skipped else [
+        (fqn, m) for fqn, m in model.named_modules() if _is_conv_like(m)
+    ]
+    if len(convs) == 1:
         first, only = convs[0]
         if spec.layer_for(only) is not None and not is_tritonslide_layer(only):
             warnings.warn(

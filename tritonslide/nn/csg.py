@@ -213,26 +213,21 @@ class SliceGenerator(nn.Module):
             a = torch.linalg.svd(torch.cat(whole), full_matrices=True)[2][:n_c].T
         else:
             a = self.weight.detach().to(device="cpu", dtype=torch.float64, copy=True)  # rows are updated in place
+        # rows of A: entry e is fitted by the tiles whose group covers it; entries sharing the same set of covering
+        # groups share one Gram matrix (at most 16 distinct sets). Sets and padded tiles do not change over steps.
+        cover = torch.zeros(len(groups), numel, dtype=torch.bool)
+        padded = []
+        for g, (ent, b) in enumerate(groups):
+            cover[g, ent] = True
+            padded.append(torch.zeros(b.shape[0], numel, dtype=torch.float64).index_copy_(1, ent, b))
+        patterns, which = torch.unique(cover.T, dim=0, return_inverse=True)
+        blocks = [((which == p).nonzero().flatten(), pattern.nonzero().flatten().tolist())
+                  for p, pattern in enumerate(patterns) if pattern.any()]
         for _ in range(steps):
             codes = [b @ torch.linalg.pinv(a[ent]).T for ent, b in groups]
-            # rows of A: entry e is fitted by the tiles whose group covers it; entries sharing the same set of
-            # covering groups share one Gram matrix (at most 16 distinct sets)
-            cover = torch.zeros(len(groups), numel, dtype=torch.bool)
-            for g, (ent, _) in enumerate(groups):
-                cover[g, ent] = True
-            patterns, which = torch.unique(cover.T, dim=0, return_inverse=True)
-            for p, pattern in enumerate(patterns):
-                rows = (which == p).nonzero().flatten()
-                members = pattern.nonzero().flatten().tolist()
-                if not members:
-                    continue
+            for rows, members in blocks:
                 gram = sum(codes[g].T @ codes[g] for g in members)
-                rhs = 0
-                for g in members:
-                    ent, b = groups[g]
-                    full = torch.zeros(b.shape[0], numel, dtype=torch.float64)
-                    full[:, ent] = b
-                    rhs = rhs + full[:, rows].T @ codes[g]
+                rhs = sum(padded[g][:, rows].T @ codes[g] for g in members)
                 a[rows] = rhs @ torch.linalg.pinv(gram)
         self.weight.copy_(_orthonormal_columns(a).to(self.weight))
         return self

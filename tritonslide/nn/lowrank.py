@@ -159,7 +159,7 @@ class LowRankConv2d(ConfigState, nn.Module):
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.vertical.uniform_(-1, 1)
         self.horizontal.uniform_(-1, 1)
-        target = math.sqrt(self.out_channels * fan_in / (3 * fan_in)) if fan_in > 0 else 0.0
+        target = math.sqrt(self.out_channels / 3)  # sqrt(numel / (3 fan_in)), numel = O fan_in
         norm = float(self.reconstructed_weight().norm())
         if norm > 0:
             root = math.sqrt(target / norm)

@@ -249,7 +249,7 @@ class SketchFactors(ConfigState, nn.Module):
         init = resolve_init(self.sketch_config.init, [])
         self.bias = bias
         if init == "scratch":  # the dense layer's own init scale (torchvision's kaiming_normal, say), not nn's
-            self.bias = None  # reset_parameters would redraw it; the dense layer's stays
+            self.bias = None  # so that reset_parameters keeps the dense layer's bias
             self.reset_parameters()
             self.bias = bias
             scale = weight.detach().norm() / self.reconstructed_weight().norm().clamp_min(1e-30)
