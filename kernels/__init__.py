@@ -39,6 +39,10 @@ def _present(module: str) -> bool:
 TRITON_OPS: frozenset[str] = frozenset(op for op, (module, _) in _PLANNED.items() if _present(module))
 
 
+# Whether a ``triton`` package is installed, probed without importing it (importing costs ~0.3 s and may fail).
+TRITON_FOUND: bool = importlib.util.find_spec("triton") is not None
+
+
 @lru_cache(maxsize=1)
 def has_triton() -> bool:
     """True when the ``triton`` package can be imported (it is never imported before this is asked)."""

@@ -75,7 +75,7 @@ def test_active_set_output_and_gradients_match_masked_eq1(sketch):
     milf._publish = True  # keep the forward's active set for the check (what patch does for a linked producer)
     g = torch.randn(milf.output_shape(2, 9, 11))
     y, dx, grads = _run(milf, x, g)
-    active = milf._published_active
+    active = milf._published_active[0]  # (exact set, count, padded, compact)
     expected = alsh.select_active(tritonslide.ops.hash_histogram(x, alsh.planes, PARTIAL.bits, alsh.stride,
                                                                  alsh.padding, alsh.dilation))
     assert torch.equal(active, expected) and 0 < active.numel() < o
@@ -254,13 +254,13 @@ def test_channels_last_and_state_dict_across_inits():
     milf._publish = True  # keep each forward's active set for the check
     x, g = torch.randn(2, 6, 9, 11), torch.randn(2, 23, 9, 11)
     y, dx, grads = _run(milf, x, g)
-    active = milf._published_active
+    active = milf._published_active[0]  # (exact set, count, padded, compact)
     before = {n: t.clone() for n, t in milf.state_dict().items() if isinstance(t, torch.Tensor)}
     assert milf.to(memory_format=torch.channels_last) is milf
     assert all(torch.equal(t, milf.state_dict()[n]) for n, t in before.items())
     cl = torch.channels_last
     y_cl, dx_cl, grads_cl = _run(milf, x.to(memory_format=cl), g.to(memory_format=cl))
-    assert torch.equal(milf._published_active, active) and 0 < active.numel() < 23
+    assert torch.equal(milf._published_active[0], active) and 0 < active.numel() < 23
     assert y_cl.is_contiguous(memory_format=cl)
     torch.testing.assert_close(y_cl, y, rtol=1e-6, atol=1e-6)
     assert_close(dx_cl, dx, torch.float32, reduction=23 * 9 * milf._sketch_rank())

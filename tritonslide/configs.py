@@ -46,6 +46,12 @@ class ALSHConfig(_ConfigBase):
         so the set is never empty (NaN inputs included).
     share_active_set: read only the previous ALSH layer's active channels when ``patch`` linked the two
         (last-active-set sharing, Alg. 6).
+    sync_active_set: under ``torch.distributed`` (DDP), all-reduce each layer's bucket histogram over the ranks of
+        the default process group before choosing, so every rank computes the same filters: those a single process
+        would choose for the concatenated global batch. One all-reduce of L * 2**K int64 per layer and step. Off by
+        default: each rank then chooses from its own batch (DDP still averages the gradients of all filters).
+        Ignored without an initialized process group of more than one rank; not part of a layer's saved identity
+        (a state_dict loads whatever this flag).
     """
 
     tables: int = 3
@@ -57,6 +63,7 @@ class ALSHConfig(_ConfigBase):
     rebuild_every: int | None = None
     min_active: int = 1
     share_active_set: bool = True
+    sync_active_set: bool = False
 
     method: ClassVar[str] = "alsh"
 
@@ -74,8 +81,9 @@ class ALSHConfig(_ConfigBase):
         if self.rebuild_every is not None:
             _check_int(name, "rebuild_every", self.rebuild_every, 1)
         _check_int(name, "min_active", self.min_active, 1)
-        if not isinstance(self.share_active_set, bool):
-            raise TypeError(f"{name}.share_active_set must be a bool, got {self.share_active_set!r}")
+        for flag in ("share_active_set", "sync_active_set"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{name}.{flag} must be a bool, got {getattr(self, flag)!r}")
 
     @property
     def covers_all_codes(self) -> bool:

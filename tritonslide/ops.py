@@ -1,8 +1,18 @@
-"""The op layer: ``tritonslide.ops.<op>``, one backend choice per call, one autograd Function per op.
+"""The op layer: ``tritonslide.ops.<op>``, one backend choice per call, one registered custom op per op.
 
-Every op checks its arguments here, asks :func:`tritonslide._backend.resolve_backend` for ``"torch"`` or
-``"triton"``, and runs ``tritonslide.cpu_fallback.torch_<op>`` or the Triton launcher of ``tritonslide.kernels``.
+Every op checks its arguments here (shapes, dtypes, devices: nothing that reads tensor data, so the checks trace),
+casts its operands under autocast as ``F.conv2d`` would, asks :func:`tritonslide._backend.resolve_backend` for
+``"torch"`` or ``"triton"`` and calls ``torch.ops.tritonslide.<op>`` (:mod:`tritonslide._library`), whose
+implementation runs ``tritonslide.cpu_fallback.torch_<op>`` or the Triton launcher of ``tritonslide.kernels`` and
+checks index values at run time. In eager mode on plain tensors the implementation is called directly (with the
+op's autograd formula as an ``autograd.Function``), skipping the dispatch of the registered op, which costs more
+than a small layer's kernels (:func:`tritonslide._library.eager`); traced code always sees the registered op.
 Nothing below this layer sees a module, a config or a hash-table object: only tensors.
+
+Autocast: inside ``torch.autocast(device, dtype)`` the convolution-like ops (``active_conv2d``, ``sketch_conv2d``,
+``sketch_linear``) cast float32 / float16 / bfloat16 operands to the autocast dtype and return it, as ``F.conv2d``
+and ``F.linear`` do; gradients flow back to the Parameters in their own dtype. ``hash_histogram`` hashes ``x`` in
+its own dtype (projections accumulate in float32).
 """
 
 from __future__ import annotations
@@ -12,18 +22,8 @@ from typing import Sequence
 import torch
 from torch.nn.modules.utils import _pair
 
-from tritonslide import _dispatch, kernels
+from tritonslide import _library  # registers torch.ops.tritonslide.*
 from tritonslide._backend import current_backend, resolve_backend
-from tritonslide.cpu_fallback import (
-    torch_active_conv2d,
-    torch_active_conv2d_backward,
-    torch_alsh_active_set,
-    torch_hash_histogram,
-    torch_sketch_conv2d,
-    torch_sketch_conv2d_backward,
-    torch_sketch_linear,
-    torch_sketch_linear_backward,
-)
 
 IntPair = int | Sequence[int]
 
@@ -51,10 +51,8 @@ def _check_x(name: str, x: torch.Tensor) -> None:
 def _check_index(
     name: str, label: str, idx: torch.Tensor | None, size: int, device: torch.device, sorted_unique: bool = True
 ) -> None:
-    """Index tensors must be 1-d int64, on x's device, unique, sorted and inside [0, size).
-
-    Values are checked on CPU only: on CUDA the check would cost a device-to-host sync on every call.
-    """
+    """Index tensors must be 1-d int64 on x's device; their values (inside [0, size), sorted, unique) are checked
+    by the op's implementation on CPU tensors (on CUDA that check would cost a synchronization per call)."""
     if idx is None:
         return
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
@@ -62,34 +60,55 @@ def _check_index(
         raise TypeError(f"{name}: expected {label} to be a 1-d int64 tensor, got {got}")
     if idx.device != device:
         raise ValueError(f"{name}: {label} is on {idx.device} but x is on {device}")
-    if sorted_unique and idx.numel() > size:
+    if sorted_unique and idx.shape[0] > size:
         raise ValueError(f"{name}: {label} has {idx.numel()} entries but there are only {size} channels")
-    if idx.device.type == "cpu" and idx.numel() > 0:
-        if int(idx.min()) < 0 or int(idx.max()) >= size:
-            lo, hi = int(idx.min()), int(idx.max())
-            raise ValueError(f"{name}: {label} must lie in [0, {size}), got values in [{lo}, {hi}]")
-        if sorted_unique and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError(f"{name}: {label} must be sorted and unique (as torch.unique returns it)")
 
 
-def _check_count(name: str, out_idx, out_count, compact_output: bool, size: int, device: torch.device) -> None:
-    """``out_count`` with a padded ``out_idx``: the first ``out_count`` entries are sorted unique active rows."""
-    if compact_output:
-        raise ValueError(f"{name}: out_count needs compact_output=False (the output shape would depend on the count)")
-    if out_idx is None:
-        raise ValueError(f"{name}: out_count needs out_idx (its first out_count entries are the active rows)")
-    if not isinstance(out_count, torch.Tensor) or out_count.numel() != 1 or out_count.dtype != torch.int64:
-        got = f"{out_count.dtype} tensor of shape {tuple(out_count.shape)}" if isinstance(out_count, torch.Tensor) \
-            else type(out_count).__name__
-        raise TypeError(f"{name}: expected out_count to be a 0-d int64 tensor, got {got}")
-    if out_count.device != device:
-        raise ValueError(f"{name}: out_count is on {out_count.device} but x is on {device}")
-    _check_index(name, "out_idx", out_idx, size, device, sorted_unique=False)
-    if device.type == "cpu":
-        count = int(out_count)
-        if not 0 <= count <= out_idx.numel():
-            raise ValueError(f"{name}: out_count={count} must lie in [0, len(out_idx)={out_idx.numel()}]")
-        _check_index(name, "out_idx[:out_count]", out_idx[:count], size, device)
+def _check_count(
+    name: str, idx, count, compact: bool, size: int, device: torch.device, which: str = "out"
+) -> None:
+    """``<which>_count`` with a padded ``<which>_idx``: its first ``count`` entries are the sorted unique set."""
+    if count is None:
+        _check_index(name, f"{which}_idx", idx, size, device)
+        return
+    what = "output" if which == "out" else "input"
+    if compact:
+        raise ValueError(f"{name}: {which}_count needs compact_{what}=False (the {what} shape would be the count)")
+    if idx is None:
+        raise ValueError(f"{name}: {which}_count needs {which}_idx (its first {which}_count entries are the set)")
+    if not isinstance(count, torch.Tensor) or count.numel() != 1 or count.dtype != torch.int64:
+        got = f"{count.dtype} tensor of shape {tuple(count.shape)}" if isinstance(count, torch.Tensor) \
+            else type(count).__name__
+        raise TypeError(f"{name}: expected {which}_count to be a 0-d int64 tensor, got {got}")
+    if count.device != device:
+        raise ValueError(f"{name}: {which}_count is on {count.device} but x is on {device}")
+    _check_index(name, f"{which}_idx", idx, size, device, sorted_unique=False)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``(x, *tensors)`` cast to the autocast dtype of x's device when autocast is on there (float64 and integer
+    tensors are left alone, as autocast leaves them); unchanged otherwise."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in (x, *tensors))
+
+
+def _backend_arg(op: str, x: torch.Tensor) -> str:
+    """The backend argument of the custom op: ``"torch"``, ``"triton"`` (forced), or ``"auto"`` where the auto
+    choice picked Triton, whose implementation then checks at run time that Triton imports and, for active_conv2d,
+    whether this GPU's measured table sends the shape to the torch path (tritonslide/_dispatch.py)."""
+    backend = resolve_backend(op, x)
+    return "auto" if backend == "triton" and current_backend() == "auto" else backend
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def hash_histogram(
@@ -101,6 +120,7 @@ def hash_histogram(
     dilation: IntPair = 1,
     in_idx: torch.Tensor | None = None,
     return_codes: bool = False,
+    in_count: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Hyperplane-hash every im2col patch of ``x`` and count the codes per table.
 
@@ -108,8 +128,9 @@ def hash_histogram(
     stride / padding / dilation) bit ``j`` of table ``t`` is ``[<planes[t*bits+j], p> >= 0]`` and the table's
     code is ``sum_j bit_j << j`` (Feeney 2019, eq. 3.3-3.4). Returns the (L, 2**bits) int64 histogram of codes
     over all patches of the batch, and the (N, L, H', W') int64 codes when ``return_codes``. With ``in_idx`` the
-    projection reads only those input channels, which equals hashing ``x`` with the other channels zeroed.
-    Not differentiable (its outputs are integers).
+    projection reads only those input channels, which equals hashing ``x`` with the other channels zeroed; with
+    ``in_count`` (0-d int64) only the first ``in_count`` entries of ``in_idx`` are the set (the padded form of
+    :func:`alsh_active_set`). Not differentiable (its outputs are integers).
     """
     name = "tritonslide.ops.hash_histogram"
     _check_x(name, x)
@@ -125,10 +146,12 @@ def hash_histogram(
         raise ValueError(f"{name}: planes have {planes.shape[1]} input channels but x has {x.shape[1]}")
     if planes.device != x.device:
         raise ValueError(f"{name}: planes are on {planes.device} but x is on {x.device}")
-    _check_index(name, "in_idx", in_idx, x.shape[1], x.device)
-    if resolve_backend("hash_histogram", x) == "triton":
-        return kernels.get_kernel("hash_histogram")(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
-    return torch_hash_histogram(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
+    _check_count(name, in_idx, in_count, False, x.shape[1], x.device, "in")
+    backend = _backend_arg("hash_histogram", x)
+    args = (x.detach(), planes.detach(), bits, stride, padding, dilation, in_idx, in_count, return_codes, backend)
+    op = _library.hash_histogram_impl if _library.eager(x, planes, in_idx, in_count) else _library.hash_histogram
+    hist, codes = op(*args)
+    return (hist, codes) if return_codes else hist
 
 
 def alsh_active_set(
@@ -162,43 +185,15 @@ def alsh_active_set(
     for label, value, low in (("top_buckets", top_buckets, 1), ("min_active", min_active, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}: {label} must be an int >= {low}, got {value!r}")
-    if filter_codes.device.type == "cpu" and filter_codes.numel():
-        lo, hi = int(filter_codes.min()), int(filter_codes.max())
-        if lo < 0 or hi >= n_buckets:
-            raise ValueError(f"{name}: filter_codes must lie in [0, {n_buckets}), got values in [{lo}, {hi}]")
-    return torch_alsh_active_set(hist, filter_codes, top_buckets, min_active)
+    op = _library.alsh_active_set_impl if _library.eager(hist, filter_codes) else _library.alsh_active_set
+    return op(hist, filter_codes, top_buckets, min_active)
 
 
-class ActiveConv2dFunction(torch.autograd.Function):
-    """Autograd of :func:`active_conv2d`; the backend was chosen by the op and is kept for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, out_idx, in_idx, out_count, stride, padding, dilation, compact, backend):
-        if backend == "triton":
-            fwd = kernels.get_kernel("active_conv2d")
-            y = fwd(x, weight, bias, out_idx, in_idx, stride, padding, dilation, *compact, out_count=out_count)
-        else:
-            if out_count is not None:  # the fallback takes the exact set (on CUDA this reads the count: one sync)
-                out_idx, out_count = out_idx[: int(out_count)], None
-            y = torch_active_conv2d(x, weight, bias, out_idx, in_idx, stride, padding, dilation, *compact)
-        ctx.save_for_backward(x, weight, out_idx, in_idx, out_count)
-        ctx.conf = (bias is not None, stride, padding, dilation, compact, backend)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, out_idx, in_idx, out_count = ctx.saved_tensors
-        has_bias, stride, padding, dilation, compact, backend = ctx.conf
-        needs = tuple(ctx.needs_input_grad[:3])
-        if backend == "triton":
-            bwd = kernels.get_kernel("active_conv2d_backward")
-            dx, dw, db = bwd(grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs, *compact,
-                             out_count=out_count)
-        else:
-            dx, dw, db = torch_active_conv2d_backward(
-                grad_y, x, weight, has_bias, out_idx, in_idx, stride, padding, dilation, needs, *compact
-            )
-        return dx, dw, db, None, None, None, None, None, None, None, None
+def active_indices(idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``idx[:count]``, the exact active set of :func:`alsh_active_set`'s ``(idx, count)``: its length is data (one
+    synchronization on CUDA). Under ``torch.compile`` / ``torch.export`` the length is an unbacked symbolic size
+    bounded by ``len(idx)``, so code that uses the exact set traces without a graph break."""
+    return (_library.active_indices_impl if _library.eager(idx, count) else _library.active_indices)(idx, count)
 
 
 def active_conv2d(
@@ -214,6 +209,7 @@ def active_conv2d(
     compact_input: bool = False,
     compact_output: bool = False,
     out_count: torch.Tensor | None = None,
+    in_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Convolution restricted to the active filters ``out_idx`` and the active input channels ``in_idx``.
 
@@ -229,13 +225,15 @@ def active_conv2d(
     Device-side active sets: with ``out_count`` (0-d int64 tensor, e.g. from :func:`alsh_active_set`) only the first
     ``out_count`` entries of ``out_idx`` are the active rows and the rest is padding; the Triton kernels read the
     count on the device, so the host never waits for the size of the set (the PyTorch fallback slices the set,
-    which reads the count). Not with ``compact_output``, whose shape would depend on the count.
+    which reads the count). Not with ``compact_output``, whose shape would depend on the count. ``in_count`` is the
+    same for ``in_idx`` (not with ``compact_input``); the implementation slices the set (one sync on CUDA).
     """
     name = "tritonslide.ops.active_conv2d"
     _check_x(name, x)
     stride, padding, dilation = _conv_args(name, stride, padding, dilation)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{name}: expected weight of shape (O, C, kh, kw), got {getattr(weight, 'shape', weight)}")
+    x, weight, bias = _autocast(x, weight, bias)
     if compact_input and in_idx is None:
         raise ValueError(f"{name}: compact_input=True needs in_idx (the channels x holds)")
     expected_c = in_idx.numel() if compact_input else weight.shape[1]
@@ -246,30 +244,19 @@ def active_conv2d(
         raise TypeError(f"{name}: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) and dtype {x.dtype}, got {bias.shape}")
-    if out_count is None:
-        _check_index(name, "out_idx", out_idx, weight.shape[0], x.device)
-    else:
-        _check_count(name, out_idx, out_count, compact_output, weight.shape[0], x.device)
-    _check_index(name, "in_idx", in_idx, weight.shape[1], x.device)
+    _check_count(name, out_idx, out_count, compact_output, weight.shape[0], x.device)
+    _check_count(name, in_idx, in_count, compact_input, weight.shape[1], x.device, "in")
     for label, size, extent in (("height", x.shape[2], weight.shape[2]), ("width", x.shape[3], weight.shape[3])):
         i = 0 if label == "height" else 1
         if size + 2 * padding[i] < dilation[i] * (extent - 1) + 1:
             raise ValueError(f"{name}: input {label} {size} (padded {size + 2 * padding[i]}) is smaller than the "
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
-    backend = resolve_backend("active_conv2d", x)
-    if (backend == "triton" and out_count is None and current_backend() == "auto"
-            and _dispatch.has_measurements("active_conv2d", x.device)):
-        # where this GPU's measurements found the torch path faster for this shape, take it (tritonslide/_dispatch.py)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)
-        )
-        key = _dispatch.conv_key(x, weight, stride, padding, dilation, needs_grad)
-        fraction = 1.0 if out_idx is None else out_idx.numel() / weight.shape[0]
-        backend = _dispatch.measured_backend("active_conv2d", x.device, key, fraction) or backend
-    compact = (bool(compact_input), bool(compact_output))
-    return ActiveConv2dFunction.apply(
-        x, weight, bias, out_idx, in_idx, out_count, stride, padding, dilation, compact, backend
-    )
+    backend = _backend_arg("active_conv2d", x)
+    args = (x, weight, bias, out_idx, in_idx, out_count, in_count, stride, padding, dilation, bool(compact_input),
+            bool(compact_output), backend, _needs_grad(x, weight, bias))
+    if _library.eager(x, weight, bias, out_idx, in_idx, out_count, in_count):
+        return _library.ActiveConv2dFunction.apply(*args)
+    return _library.active_conv2d(*args)
 
 
 def _check_factor(name: str, label: str, t, x: torch.Tensor, dims: int, expected: str) -> None:
@@ -286,26 +273,6 @@ def _check_bias(name: str, bias, o: int, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected bias of shape ({o},) and dtype {x.dtype}, got {got}")
 
 
-class SketchConv2dFunction(torch.autograd.Function):
-    """Autograd of :func:`sketch_conv2d`; keeps ``z = conv(x, A)`` (N, r, H', W') for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, a, b, bias, out_idx, stride, padding, dilation, backend):
-        fwd = kernels.get_kernel("sketch_conv2d") if backend == "triton" else torch_sketch_conv2d
-        y, z = fwd(x, a, b, bias, out_idx, stride, padding, dilation)
-        ctx.save_for_backward(x, a, b, z, out_idx)
-        ctx.conf = (bias is not None, stride, padding, dilation, backend)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, a, b, z, out_idx = ctx.saved_tensors
-        has_bias, stride, padding, dilation, backend = ctx.conf
-        bwd = kernels.get_kernel("sketch_conv2d_backward") if backend == "triton" else torch_sketch_conv2d_backward
-        grads = bwd(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilation, tuple(ctx.needs_input_grad[:4]))
-        return (*grads, None, None, None, None, None)
-
-
 def sketch_conv2d(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -315,16 +282,20 @@ def sketch_conv2d(
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
+    out_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sketch-then-unsketch convolution: ``y = conv2d(conv2d(x, A), B[:, :, None, None]) + bias``.
 
     ``A``: (r, C, kh, kw), ``B``: (O, r). Equals ``conv2d(x, (B @ A.flatten(1)).view(O, C, kh, kw), bias)`` without
     forming that weight (Kasiviswanathan et al., eq. 2: every SK-CONV term is one such chain, the terms
     concatenated along r). Only the rows ``out_idx`` of ``B`` are computed; other output channels are zero and
-    get zero gradients in ``B`` and ``bias`` (as in :func:`active_conv2d`). Differentiable in x, A, B and bias.
+    get zero gradients in ``B`` and ``bias`` (as in :func:`active_conv2d`); with ``out_count`` only the first
+    ``out_count`` entries of ``out_idx`` are the rows (the padded set of :func:`alsh_active_set`, sliced by the
+    implementation). Differentiable in x, A, B and bias.
     """
     name = "tritonslide.ops.sketch_conv2d"
     _check_x(name, x)
+    x, a, b, bias = _autocast(x, a, b, bias)
     stride, padding, dilation = _conv_args(name, stride, padding, dilation)
     _check_factor(name, "A", a, x, 4, "(r, C, kh, kw)")
     _check_factor(name, "B", b, x, 2, "(O, r)")
@@ -333,34 +304,17 @@ def sketch_conv2d(
     if b.shape[1] != a.shape[0]:
         raise ValueError(f"{name}: B has {b.shape[1]} columns but A has r={a.shape[0]} rows")
     _check_bias(name, bias, b.shape[0], x)
-    _check_index(name, "out_idx", out_idx, b.shape[0], x.device)
+    _check_count(name, out_idx, out_count, False, b.shape[0], x.device)
     for i, label in ((0, "height"), (1, "width")):
         extent = dilation[i] * (a.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < extent:
             raise ValueError(f"{name}: input {label} {x.shape[2 + i]} (padded {x.shape[2 + i] + 2 * padding[i]}) "
                              f"is smaller than the dilated kernel extent {extent}")
-    backend = resolve_backend("sketch_conv2d", x)
-    return SketchConv2dFunction.apply(x, a, b, bias, out_idx, stride, padding, dilation, backend)
-
-
-class SketchLinearFunction(torch.autograd.Function):
-    """Autograd of :func:`sketch_linear`; keeps ``z = x A^T`` for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, a, b, bias, out_idx, backend):
-        fwd = kernels.get_kernel("sketch_linear") if backend == "triton" else torch_sketch_linear
-        y, z = fwd(x, a, b, bias, out_idx)
-        ctx.save_for_backward(x, a, b, z, out_idx)
-        ctx.conf = (bias is not None, backend)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, a, b, z, out_idx = ctx.saved_tensors
-        has_bias, backend = ctx.conf
-        bwd = kernels.get_kernel("sketch_linear_backward") if backend == "triton" else torch_sketch_linear_backward
-        grads = bwd(grad_y, x, a, b, z, has_bias, out_idx, tuple(ctx.needs_input_grad[:4]))
-        return (*grads, None, None)
+    backend = _backend_arg("sketch_conv2d", x)
+    args = (x, a, b, bias, out_idx, out_count, stride, padding, dilation, backend)
+    if _library.eager(x, a, b, bias, out_idx, out_count):
+        return _library.SketchConv2dFunction.apply(*args)[0]
+    return _library.sketch_conv2d(*args)[0]
 
 
 def sketch_linear(
@@ -379,6 +333,7 @@ def sketch_linear(
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
         got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"{name}: expected a floating-point x of shape (..., in), got {got}")
+    x, a, b, bias = _autocast(x, a, b, bias)
     _check_factor(name, "A", a, x, 2, "(r, in)")
     _check_factor(name, "B", b, x, 2, "(out, r)")
     if a.shape[1] != x.shape[-1]:
@@ -387,15 +342,16 @@ def sketch_linear(
         raise ValueError(f"{name}: B has {b.shape[1]} columns but A has r={a.shape[0]} rows")
     _check_bias(name, bias, b.shape[0], x)
     _check_index(name, "out_idx", out_idx, b.shape[0], x.device)
-    backend = resolve_backend("sketch_linear", x)
-    return SketchLinearFunction.apply(x, a, b, bias, out_idx, backend)
+    backend = _backend_arg("sketch_linear", x)
+    args = (x, a, b, bias, out_idx, backend)
+    if _library.eager(x, a, b, bias, out_idx):
+        return _library.SketchLinearFunction.apply(*args)[0]
+    return _library.sketch_linear(*args)[0]
 
 
 __all__ = [
-    "ActiveConv2dFunction",
-    "SketchConv2dFunction",
-    "SketchLinearFunction",
     "active_conv2d",
+    "active_indices",
     "alsh_active_set",
     "hash_histogram",
     "sketch_conv2d",

@@ -93,31 +93,40 @@ def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int,
     )
 
 
-def check_conv_input(layer: nn.Module, x: torch.Tensor, channels: int | None = None) -> None:
+def check_conv_input(
+    layer: nn.Module, x: torch.Tensor, channels: int | None = None, ref: torch.Tensor | None = None
+) -> None:
     """Raise a ValueError / TypeError naming ``layer`` when ``x`` does not fit it (batched NCHW input).
 
-    ``channels``: the channel count expected when it is not ``layer.in_channels`` (a compact input)."""
-    who = layer.display_name()
+    ``channels``: the channel count expected when it is not ``layer.in_channels`` (a compact input). ``ref``: a
+    Parameter that carries the layer's dtype and device (default ``layer.weight``). The layer's name is read only
+    on the error path, so ``torch.compile`` never guards on it. Under autocast on x's device any floating input is
+    accepted, as ``nn.Conv2d`` accepts it there (the ops cast to the autocast dtype)."""
     c, kernel = layer.in_channels if channels is None else channels, layer.kernel_size
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise TypeError(f"{layer.display_name()}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{who}: expected input of shape (N, {c}, H, W) or ({c}, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{layer.display_name()}: expected input of shape (N, {c}, H, W) or ({c}, H, W), "
+                         f"got {tuple(x.shape)}")
     if x.shape[1] != c:
-        raise ValueError(f"{who}: expected {c} input channels, i.e. shape (N, {c}, H, W), got {tuple(x.shape)}")
-    ref = layer.weight
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{who}: expected a {ref.dtype} input (the layer's dtype), got {x.dtype}")
+        raise ValueError(f"{layer.display_name()}: expected {c} input channels, i.e. shape (N, {c}, H, W), "
+                         f"got {tuple(x.shape)}")
+    ref = layer.weight if ref is None else ref
     if x.device != ref.device:
-        raise ValueError(f"{who}: input is on {x.device} but the layer is on {ref.device}")
-    for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
-        i = 0 if axis == "height" else 1
+        raise ValueError(f"{layer.display_name()}: input is on {x.device} but the layer is on {ref.device}")
+    if x.dtype != ref.dtype and not (x.is_floating_point() and autocast_on(x.device.type)):
+        raise TypeError(f"{layer.display_name()}: expected a {ref.dtype} input (the layer's dtype), got {x.dtype}")
+    for i, axis in ((0, "height"), (1, "width")):
         extent = layer.dilation[i] * (kernel[i] - 1) + 1
-        if size + 2 * layer.padding[i] < extent:
+        if x.shape[2 + i] + 2 * layer.padding[i] < extent:
             raise ValueError(
-                f"{who}: input {axis} {size} (+{2 * layer.padding[i]} padding) is smaller than the kernel "
-                f"extent {extent}"
+                f"{layer.display_name()}: input {axis} {x.shape[2 + i]} (+{2 * layer.padding[i]} padding) is smaller "
+                f"than the kernel extent {extent}"
             )
+
+
+def autocast_on(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
 def dense_conv_like(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Conv2d:
@@ -140,10 +149,15 @@ def dense_conv_like(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter |
     return conv
 
 
-def _without_init(config: Any) -> Any:
+# config fields that say how a layer was set up or how it runs, not what its state means: a state_dict saved under
+# any value loads under any other
+_NOT_STATE = frozenset({"init", "sync_active_set"})
+
+
+def _without_init(config: Any, keys: frozenset[str] = frozenset({"init"})) -> Any:
     if not isinstance(config, dict):
         return config
-    return {k: _without_init(v) for k, v in config.items() if k != "init"}
+    return {k: _without_init(v, keys) for k, v in config.items() if k not in keys}
 
 
 def same_config(a: Any, b: Any) -> bool:
@@ -164,7 +178,7 @@ class ConfigState:
     def set_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("config") if isinstance(state, dict) else None
         # ``init`` says only how the layer was first set, not what it computes: any init loads any other's state
-        if _without_init(saved) != _without_init(self.config.to_dict()):
+        if _without_init(saved, _NOT_STATE) != _without_init(self.config.to_dict(), _NOT_STATE):
             raise ValueError(
                 f"{self.display_name()}: the state_dict was saved with config {saved} but this layer has "
                 f"{self.config.to_dict()}; patch the model with the same config before loading"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.utils import _pair
 
@@ -57,8 +58,13 @@ class ALSHSelector(ConfigState, nn.Module):
     bucket per table; ``steps``, the training forwards seen (drives ``rebuild_every``). The config (``self.config``)
     travels as the module's extra state and is checked when a state_dict loads.
 
+    Everything that changes per step lives in tensors (``steps``, the statistics, ``last_active``) and the rebuild
+    schedule is a ``torch.where`` on ``steps``, so ``torch.compile`` traces one graph that no step invalidates.
+
     The active set is chosen per batch from the histogram of the whole batch's patches (as in the thesis), in
-    eval mode too: a sample's output depends on the other samples of its batch and on the batch size. Tables
+    eval mode too: a sample's output depends on the other samples of its batch and on the batch size. With
+    ``sync_active_set`` the histogram is summed over the ranks of the default process group first, so every rank
+    computes the filters one process would choose for the global batch. Tables
     follow the weights only when rebuilt (``rebuild_every``, ``tritonslide.rebuild_tables``): with
     ``rebuild_every=n`` the re-hash happens at the start of every n-th training forward, before hashing.
     """
@@ -95,24 +101,32 @@ class ALSHSelector(ConfigState, nn.Module):
             "filter_codes", torch.zeros(out_channels, alsh_config.tables, dtype=torch.int64, device=device)
         )
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
-        self._host_steps: int | None = 0  # mirror of `steps`: reading a CUDA buffer every step would sync
         # statistics: not needed to reproduce an output, so not saved
         self.register_buffer("stat_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("stat_active", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        # (1,), not 0-d: Dynamo turns a 0-d float buffer into a symbolic float, which made AOTAutograd restart the
+        # whole trace (ResNet-18: 2x the compile time)
+        self.register_buffer("stat_active", torch.zeros(1, dtype=torch.float64, device=device), persistent=False)
         self.register_buffer(
             "stat_hist", torch.zeros(alsh_config.tables, 1 << alsh_config.bits, dtype=torch.float64, device=device),
             persistent=False,
         )
+        # (active output channels, read input channels) of the last forward, for tritonslide.summary; -1: none yet
+        self.register_buffer("last_active", torch.full((2,), -1, dtype=torch.int64, device=device), persistent=False)
         # last-active-set sharing, set up by tritonslide.patch (plain attributes: not submodules, not state)
         object.__setattr__(self, "_share_source", None)
         self._publish = False
-        self._published_active: torch.Tensor | None = None
+        # (exact active set, its 0-d count, whether the output was compact) of the running call, for the consumer
+        self._published_active: tuple[torch.Tensor, torch.Tensor, bool] | None = None
         # Alg. 6 compact hand-off: _compact_ok when the linked consumer accepts it, _emit_compact while the linked
         # nn.Sequential runs (armed by its pre-hook, disarmed by its always-called post-hook).
         self._compact_ok = False
         self._emit_compact = False
-        # (active output channels, read input channels) of the last forward, for tritonslide.summary
-        self.last_active_counts: tuple[int, int] | None = None
+
+    @property
+    def last_active_counts(self) -> tuple[int, int] | None:
+        """(active output channels, read input channels) of the last forward, or None before the first one."""
+        o, c = (int(v) for v in self.last_active)
+        return None if o < 0 else (o, c)
 
     def filter_matrix(self) -> torch.Tensor:
         """(O, C*kh*kw) flattened filters that the tables index."""
@@ -138,12 +152,17 @@ class ALSHSelector(ConfigState, nn.Module):
         return proj
 
     @torch.no_grad()
-    def rebuild_tables(self) -> None:
-        """Re-hash every filter into the L tables (the pre-pass, Alg. 3). Call after weights change."""
+    def table_codes(self) -> torch.Tensor:
+        """(O, L) int64 code of every filter in every table (the pre-pass, Alg. 3), from the current weights."""
         bits = self.alsh_config.bits
         signs = (self.filter_projections() >= 0).view(self.out_channels, self.alsh_config.tables, bits)
         weights = 1 << torch.arange(bits, device=signs.device, dtype=torch.int64)
-        self.filter_codes.copy_((signs.to(torch.int64) * weights).sum(-1))
+        return (signs.to(torch.int64) * weights).sum(-1)
+
+    @torch.no_grad()
+    def rebuild_tables(self) -> None:
+        """Re-hash every filter into the L tables (the pre-pass, Alg. 3). Call after weights change."""
+        self.filter_codes.copy_(self.table_codes())
 
     @torch.no_grad()
     def select_active(self, hist: torch.Tensor) -> torch.Tensor:
@@ -166,50 +185,79 @@ class ALSHSelector(ConfigState, nn.Module):
         return ops.alsh_active_set(hist, self.filter_codes, cfg.top_buckets, cfg.min_active)
 
     # ------------------------------------------------------------------ one ALSH step
-    def _shared_in_idx(self) -> torch.Tensor | None:
+    def _shared_input(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool]:
+        """``(in_idx, in_count, read, compact)`` from the linked producer's running call: its active set (exact, or
+        padded with the 0-d count ``in_count``), the number of channels read (0-d tensor) and whether ``x`` holds
+        only those channels; ``(None, None, None, False)`` when not linked."""
         source = self._share_source
         if source is None or not self.alsh_config.share_active_set:
-            return None
-        idx, source._published_active = source._published_active, None  # consumed: never reused stale
-        if idx is None or idx.numel() == self.in_channels:
-            return None
-        return idx
+            return None, None, None, False
+        published, source._published_active = source._published_active, None  # consumed: never reused stale
+        if published is None:
+            return None, None, None, False
+        idx, count, padded, compact = published
+        return idx, count if padded else None, count, compact
+
+    def _publish_set(self, idx: torch.Tensor, count: torch.Tensor, padded: bool, compact: bool) -> None:
+        self._published_active = (idx, count, padded, compact)
+
+    def _count_step(self) -> None:
+        """A training forward: rebuild the tables when ``rebuild_every`` says so (before hashing), count it.
+
+        The schedule is evaluated on the ``steps`` buffer with ``torch.where``, never on a Python counter, which
+        ``torch.compile`` would guard on and recompile for at every step. The codes are then formed at every training
+        step: an (O, C kh kw) x (C kh kw, L K) product, L K / (N H' W') of the dense layer's multiply-adds (0.12% on
+        VGG-11's 14x14 layers at batch 64 with L K = 15)."""
+        every = self.alsh_config.rebuild_every
+        if every is not None:
+            with torch.no_grad():
+                due = (self.steps > 0) & (self.steps % every == 0)
+                self.filter_codes.copy_(torch.where(due, self.table_codes(), self.filter_codes))
+        self.steps += 1
 
     def active_filters(
-        self, x: torch.Tensor, in_idx: torch.Tensor | None, compact_input: bool = False, padded: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self,
+        x: torch.Tensor,
+        in_idx: torch.Tensor | None,
+        in_count: torch.Tensor | None = None,
+        compact_input: bool = False,
+        padded: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One ALSH step on a non-empty batch: rebuild the tables when due (training), hash every patch of ``x``
-        (reading only ``in_idx``; with ``compact_input`` x holds just those channels), select the active set,
-        record statistics and publish the set to a linked consumer. Returns the sorted active filter indices, or
-        with ``padded`` the device-side ``(idx, count)`` of :meth:`select_active_padded` (no host sync)."""
+        (reading only ``in_idx``, padded with ``in_count`` or exact; with ``compact_input`` x holds just those
+        channels), select the active set and record statistics. Returns ``(idx, count)``: with ``padded`` the
+        device-side (O,) buffer and 0-d count of :func:`tritonslide.ops.alsh_active_set` (no host sync), else the
+        exact sorted set (:func:`tritonslide.ops.active_indices`) and its count."""
         cfg = self.alsh_config
         if self.training:
-            if self._host_steps is None:  # after load_state_dict: read the loaded buffer once
-                self._host_steps = int(self.steps)
-            if cfg.rebuild_every is not None and self._host_steps > 0 and self._host_steps % cfg.rebuild_every == 0:
-                self.rebuild_tables()
-            self.steps += 1
-            self._host_steps += 1
+            self._count_step()
         with torch.no_grad():
             if compact_input:
                 planes = self.planes.index_select(1, in_idx)
-                hist = ops.hash_histogram(x.detach(), planes, cfg.bits, self.stride, self.padding, self.dilation)
+                hist = ops.hash_histogram(x, planes, cfg.bits, self.stride, self.padding, self.dilation)
             else:
-                hist = ops.hash_histogram(
-                    x.detach(), self.planes, cfg.bits, self.stride, self.padding, self.dilation, in_idx=in_idx
-                )
+                hist = ops.hash_histogram(x, self.planes, cfg.bits, self.stride, self.padding, self.dilation,
+                                          in_idx=in_idx, in_count=in_count)
+            if cfg.sync_active_set and _distributed():
+                dist.all_reduce(hist)  # every rank chooses from the global batch's histogram
             idx, count = self.select_active_padded(hist)
             self.stat_calls += 1
             self.stat_active += count / self.out_channels
             self.stat_hist += hist
         if padded:
-            if self._publish:
-                raise RuntimeError(f"{self.display_name()}: a linked consumer needs the exact active set")
             return idx, count
-        out_idx = idx[: int(count)]  # the size reaches the host here (one synchronization on CUDA)
-        if self._publish:
-            self._published_active = out_idx
-        return out_idx
+        return ops.active_indices(idx, count), count
+
+    def sync_empty_batch(self) -> None:
+        """With ``sync_active_set``, a rank whose batch is empty still joins the histogram all-reduce (with zeros):
+        the other ranks' collectives would otherwise wait for it, or pair with another layer's."""
+        if self.alsh_config.sync_active_set and _distributed():
+            cfg = self.alsh_config
+            dist.all_reduce(torch.zeros(cfg.tables, 1 << cfg.bits, dtype=torch.int64, device=self.planes.device))
+
+    def _record_counts(self, count: torch.Tensor, read: torch.Tensor | None) -> None:
+        read = torch.full_like(count, self.in_channels) if read is None else read
+        self.last_active.copy_(torch.stack((count, read)))
 
     # ------------------------------------------------------------------ stats and state
     def stats(self) -> ALSHLayerStats:
@@ -231,11 +279,6 @@ class ALSHSelector(ConfigState, nn.Module):
     def output_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
         return (n, self.out_channels, *conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation))
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_steps = None
-
-
     def extra_repr(self) -> str:
         c = self.alsh_config
         return (
@@ -243,6 +286,23 @@ class ALSHSelector(ConfigState, nn.Module):
             f"padding={self.padding}, dilation={self.dilation}, L={c.tables}, K={c.bits}, "
             f"top_buckets={c.top_buckets}, m={c.m}" + (", shares_input" if self._share_source is not None else "")
         )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def exact_sets() -> bool:
+    """Whether linked layers hand each other exact (data-sized) active sets and compact outputs (Alg. 6).
+
+    Always in eager mode. Under ``torch.compile`` / ``torch.export`` only when Dynamo may capture ops whose output
+    shape is data (``torch._dynamo.config.capture_dynamic_output_shape_ops = True``): the set's length is then an
+    unbacked symbolic size. Otherwise traced layers hand each other the padded set with its 0-d count and
+    full-size outputs, whose inactive channels are zero: the same values, no data-dependent shape, no graph
+    break (the consumer still reads only the active channels)."""
+    if not torch.compiler.is_compiling():
+        return True
+    return bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
 
 
 class ALSHConv2d(ALSHSelector):
@@ -318,24 +378,33 @@ class ALSHConv2d(ALSHSelector):
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        in_idx = self._shared_in_idx()
         # Inside a linked nn.Sequential the previous layer hands over only its active channels (Alg. 6).
-        compact_in = in_idx is not None and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == len(in_idx)
-        check_conv_input(self, x, channels=len(in_idx) if compact_in else None)
+        in_idx, in_count, read, compact_in = self._shared_input()
+        check_conv_input(self, x, channels=in_idx.shape[0] if compact_in else None)
         if x.shape[0] == 0:
+            self.sync_empty_batch()
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
-        else:
-            compact_out = self._publish and self._emit_compact and self._compact_ok
-            if self._publish:  # a linked consumer reads the set: its size must reach the host
-                out_idx, count = self.active_filters(x, in_idx, compact_in), None
-            else:  # nothing downstream needs the size: the set stays on the device with its count (no sync)
-                out_idx, count = self.active_filters(x, in_idx, compact_in, padded=True)
-            self.last_active_counts = (out_idx.numel() if count is None else count,
-                                       self.in_channels if in_idx is None else in_idx.numel())
+        elif self._publish and exact_sets():
+            # a linked consumer reads the exact set and (in the Sequential) the compact output of its channels alone;
+            # the set's size reaches the host (one sync on CUDA; an unbacked size when traced)
+            compact_out = self._emit_compact and self._compact_ok
+            out_idx, count = self.active_filters(x, in_idx, in_count, compact_in)
+            self._publish_set(out_idx, count, False, compact_out)
             y = ops.active_conv2d(
                 x, self.weight, self.bias, out_idx, in_idx, self.stride, self.padding, self.dilation,
-                compact_input=compact_in, compact_output=compact_out, out_count=count,
+                compact_input=compact_in, compact_output=compact_out, in_count=in_count,
             )
+            self._record_counts(count, read)
+        else:
+            # the set stays on the device with its count (no sync); a traced linked consumer gets it padded
+            idx, count = self.active_filters(x, in_idx, in_count, compact_in, padded=True)
+            if self._publish:
+                self._publish_set(idx, count, True, False)
+            y = ops.active_conv2d(
+                x, self.weight, self.bias, idx, in_idx, self.stride, self.padding, self.dilation,
+                compact_input=compact_in, out_count=count, in_count=in_count,
+            )
+            self._record_counts(count, read)
         return y.squeeze(0) if unbatched else y
 
     def param_count(self) -> int:
@@ -348,7 +417,6 @@ class ALSHConv2d(ALSHSelector):
         """Multiply-adds per sample at the last forward's active set: hashing (L*K projections of the read
         channels) plus the active filters on the read channels."""
         o, c = self.last_active_counts or (self.out_channels, self.in_channels)
-        o = int(o)  # a device-side count of the sync-free path is read here, outside forward
         taps = self.kernel_size[0] * self.kernel_size[1]
         return (self.alsh_config.tables * self.alsh_config.bits + o) * c * taps * out_h * out_w
 

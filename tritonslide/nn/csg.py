@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from types import SimpleNamespace
 from typing import Any, Iterable
 
 import torch
@@ -415,12 +414,8 @@ class CSGConv2d(ConfigState, nn.Module):
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        # check_conv_input reads `.weight` only for its dtype and device: hand it the codes instead of generating
-        spec = SimpleNamespace(
-            display_name=self.display_name, in_channels=self.in_channels, kernel_size=self.kernel_size,
-            padding=self.padding, dilation=self.dilation, weight=self.codes,
-        )
-        check_conv_input(spec, x)
+        # the layer's dtype and device from the codes (``.weight`` would generate the kernel)
+        check_conv_input(self, x, ref=self.codes)
         y = F.conv2d(x, self.generated_weight(), self.bias, self.stride, self.padding, self.dilation)
         return y.squeeze(0) if unbatched else y
 

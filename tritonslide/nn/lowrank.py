@@ -38,7 +38,6 @@ so a layer built directly (not by ``from_dense``) trains from scratch.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -234,12 +233,8 @@ class LowRankConv2d(ConfigState, nn.Module):
         return f"{cls} '{self._name}'" if self._name else f"{cls}({self.in_channels}->{self.out_channels})"
 
     def _check_input(self, x: torch.Tensor) -> None:
-        # check_conv_input reads dtype and device from ``.weight``; this layer has factors instead
-        spec = SimpleNamespace(
-            display_name=self.display_name, in_channels=self.in_channels, kernel_size=self.kernel_size,
-            padding=self.padding, dilation=self.dilation, weight=self.horizontal,
-        )
-        check_conv_input(spec, x)
+        # the layer's dtype and device from a factor (``.weight`` would form the full weight)
+        check_conv_input(self, x, ref=self.horizontal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3

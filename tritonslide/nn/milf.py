@@ -28,7 +28,7 @@ from tritonslide import ops
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import MILFConfig
 from tritonslide.nn._common import conv_unconvertible_reason, dense_conv_like, layer_seed
-from tritonslide.nn.alsh import ALSHSelector
+from tritonslide.nn.alsh import ALSHSelector, exact_sets
 from tritonslide.nn.sketch import (
     SketchFactors,
     check_layer_config,
@@ -85,7 +85,6 @@ class MILFConv2d(ALSHSelector, SketchFactors):
                         default_alsh_seed if alsh_seed is None else alsh_seed, device, dtype)
         self._init_sketch(out_channels, (self.in_channels, *self.kernel_size), self.config.sketch,
                           default_seed if seed is None else seed, bias, device, dtype, _init_weights)
-        self.last_active_counts: tuple[int, int] | None = None
         if _init_weights:
             self.rebuild_tables()
 
@@ -115,13 +114,19 @@ class MILFConv2d(ALSHSelector, SketchFactors):
         if unbatched:
             x = x.unsqueeze(0)
         check_sketch_conv_input(self, x)
-        in_idx = self._shared_in_idx()
-        out_idx = None
+        in_idx, in_count, read, _ = self._shared_input()  # a MILF layer reads full inputs (no compact hand-off)
+        out_idx = count = None
+        padded = not exact_sets()  # traced: the padded set and its count (no data-dependent shape)
         if x.shape[0] > 0:
-            out_idx = self.active_filters(x, in_idx)
-            self.last_active_counts = (out_idx.numel(), self.in_channels if in_idx is None else in_idx.numel())
+            out_idx, count = self.active_filters(x, in_idx, in_count, padded=padded)
+            if self._publish:  # the output keeps every channel (inactive ones zero): never compact
+                self._publish_set(out_idx, count, padded, False)
+            self._record_counts(count, read)
+        else:
+            self.sync_empty_batch()
         a, b = self.factors()
-        y = ops.sketch_conv2d(x, a, b, self.bias, out_idx, self.stride, self.padding, self.dilation)
+        y = ops.sketch_conv2d(x, a, b, self.bias, out_idx, self.stride, self.padding, self.dilation,
+                              out_count=count if padded else None)
         return y.squeeze(0) if unbatched else y
 
     def macs(self, out_h: int, out_w: int) -> int:

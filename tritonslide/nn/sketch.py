@@ -55,7 +55,6 @@ matrices again from the seed.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -68,6 +67,7 @@ from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import SketchConfig
 from tritonslide.nn._common import (
     ConfigState,
+    autocast_on,
     check_conv_input,
     conv_out_hw,
     conv_unconvertible_reason,
@@ -351,11 +351,7 @@ def set_conv_geometry(layer: nn.Module, in_channels, out_channels, kernel_size, 
 def check_sketch_conv_input(layer: SketchFactors, x: torch.Tensor) -> None:
     """``check_conv_input`` with the layer's dtype and device taken from a sketch Parameter (``.weight`` would
     form the full weight)."""
-    view = SimpleNamespace(
-        display_name=layer.display_name, in_channels=layer.in_channels, kernel_size=layer.kernel_size,
-        padding=layer.padding, dilation=layer.dilation, weight=layer._reference(),
-    )
-    check_conv_input(view, x)
+    check_conv_input(layer, x, ref=layer._reference())
 
 
 def conv_from_dense(cls: type, conv: nn.Conv2d, config: Any, sketch_config: SketchConfig, name: str, **kwargs):
@@ -498,15 +494,16 @@ class SketchLinear(SketchFactors):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        who, ref = self.display_name(), self._reference()
+        ref = self._reference()  # the name is read only on the error paths (torch.compile never guards on it)
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
+            raise TypeError(f"{self.display_name()}: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{who}: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
-        if x.dtype != ref.dtype:
-            raise TypeError(f"{who}: expected a {ref.dtype} input (the layer's dtype), got {x.dtype}")
+            raise ValueError(f"{self.display_name()}: expected input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
         if x.device != ref.device:
-            raise ValueError(f"{who}: input is on {x.device} but the layer is on {ref.device}")
+            raise ValueError(f"{self.display_name()}: input is on {x.device} but the layer is on {ref.device}")
+        if x.dtype != ref.dtype and not (x.is_floating_point() and autocast_on(x.device.type)):
+            raise TypeError(f"{self.display_name()}: expected a {ref.dtype} input (the layer's dtype), got {x.dtype}")
         a, b = self.factors()
         return ops.sketch_linear(x, a, b, self.bias)
 
