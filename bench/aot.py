@@ -1,0 +1,661 @@
+"""Ahead-of-time compile report of every Triton kernel of ``tritonslide.kernels`` (issue #12, part 1).
+
+Run from the repository root (no GPU needed: Triton compiles for a GPU target on the CPU with its bundled ptxas)::
+
+    python -m bench.aot [--plan ci|full] [--targets 80,90] [--out bench/results/aot.json] [--workers 2]
+
+For each kernel, every config of its autotune list (after the kernel's own ``early_config_prune``, applied to the
+representative arguments), each constexpr variant a real launch produces (index sets present / absent, NCHW /
+channels_last, ...), each dtype (fp16, bf16, fp32 with IEEE products, fp32 with TF32) and target (sm_80, sm_90) is
+compiled with ``triton.compile``. The signature, constexprs and divisibility attributes come from Triton's own
+launcher binder (``triton.runtime.jit.create_function_from_signature`` and ``JITFunction._pack_args``) called on
+``MockTensor`` pointers (address 0: 16-aligned, as PyTorch's allocations are) and the launcher's integer arguments,
+so integers equal to 1 become constexprs and multiples of 16 carry ``tt.divisibility`` exactly as on a GPU launch.
+
+Per compile the record holds: registers, spill bytes (the per-thread stack frame plus local arrays, ``STACK`` +
+``LOCAL`` of ``cuobjdump --dump-resource-usage``: ptxas puts spilled registers in the stack frame, and Triton's
+kernels make no calls and keep no local arrays, so any of it is spill space),
+shared memory (Triton's launch size ``metadata.shared``), tensor-core instructions in SASS (HMMA =
+``mma.sync``, HGMMA = ``wgmma``), global load kinds and widths (``LDG.E.128`` ... ``LDG.E.U16``, ``LDGSTS`` =
+cp.async, ``UTMALDG`` = TMA), the total SASS instruction count and the main loop (see :func:`sass_stats`).
+A plain dense Triton GEMM (:func:`_dense_gemm_kernel`, row-major A and B, 16-aligned) is compiled with each
+config's tile, warps and stages, and each kernel's main-loop length is reported as a ratio to it (same tile, dtype,
+target): an instruction-count proxy for how much address / mask / gather work the kernel adds per MMA step, not a
+time. Compile errors are recorded, not raised. ``--plan ci`` covers every kernel on every target with one dtype
+(fp16) and one case per kernel; ``--plan full`` is the whole cross product described in :func:`build_plan`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+# Fusion default of Triton 3.9 stated explicitly (it warns when unset); the launch path uses the same default.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRITON_BIN = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
+DTYPES = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"), "fp32": (torch.float32, "ieee"),
+          "tf32": (torch.float32, "tf32")}
+# Programs that fill an H100 SXM (132 SMs, two per SM), as kernels/sketch.py's _target_programs computes on it:
+# the split factors below are what its launchers would pick there (they only matter as 1 vs > 1 and % 16).
+TARGET_PROGRAMS = 2 * 132
+
+
+# ---------------------------------------------------------------------------------------------------- dense GEMM
+
+
+@triton.jit
+def _dense_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``C = A @ B`` (row-major, fp32 accumulation): the baseline of the main-loop ratio."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k0) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _dense_args(dtype: torch.dtype, prec: str) -> dict[str, Any]:
+    m = n = k = 4096
+    t = _mock(dtype)
+    return dict(a_ptr=t, b_ptr=t, c_ptr=t, M=m, N=n, K=k, stride_am=k, stride_bk=n, stride_cm=n, PRECISION=prec)
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+
+
+def _mock(dtype: torch.dtype):
+    from triton.runtime.jit import MockTensor
+
+    return MockTensor(dtype)
+
+
+def _strides(shape, channels_last: bool = False) -> tuple[int, ...]:
+    fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
+
+
+def _out_hw(h, w, k, s, p, d=1):
+    return (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# Representative layers (batch 64): (N, C, O, H, W, k, stride, pad)
+CONV_SHAPES = {
+    "vgg11_256x256_3x3@28": (64, 256, 256, 28, 28, 3, 1, 1),
+    "resnet18_64x64_3x3@56": (64, 64, 64, 56, 56, 3, 1, 1),
+    "alexnet_conv1_3x64_11x11s4": (64, 3, 64, 224, 224, 11, 4, 2),
+}
+ACTIVE_FRACTION = 0.25  # ALSH active sets of a quarter of the filters / channels
+
+
+def _active_common(case, dtype, prec):
+    n, c, o, h, w, k, s, p = CONV_SHAPES[case["shape"]]
+    ho, wo = _out_hw(h, w, k, s, p)
+    cl = case["layout"] == "channels_last"
+    idx = case["idx"]  # "none" | "out" | "out+in" | "out+count"
+    has_out = idx != "none"
+    has_in = idx == "out+in"
+    has_count = idx == "out+count"
+    n_act = max(1, int(o * ACTIVE_FRACTION)) if has_out else o
+    c_act = max(1, int(c * ACTIVE_FRACTION)) if has_in else c
+    t, i64 = _mock(dtype), _mock(torch.int64)
+    geom = dict(KH=k, KW=k, SH=s, SW=s, PH=p, PW=p, DH=1, DW=1)
+    flags = dict(HAS_OUT_IDX=has_out, HAS_IN_IDX=has_in, COMPACT_IN=False, COMPACT_OUT=False, HAS_COUNT=has_count,
+                 X_CHANNELS_LAST=cl, PRECISION=prec)
+    idx_args = dict(out_idx_ptr=i64 if has_out else t, in_idx_ptr=i64 if has_in else t,
+                    count_ptr=i64 if has_count else t)
+    return n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args
+
+
+def _active_fwd_args(case, dtype, prec):
+    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args = _active_common(case, dtype, prec)
+    sx, sw, sy = _strides((n, c, h, w), cl), _strides((o, c, geom["KH"], geom["KW"])), _strides((n, o, ho, wo), cl)
+    return dict(x_ptr=t, w_ptr=t, b_ptr=t, y_ptr=t, **idx_args, M=n * ho * wo, N_ACT=n_act, C_ACT=c_act, H=h, W=w,
+                HO=ho, WO=wo, sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], swo=sw[0], swc=sw[1], swh=sw[2],
+                sww=sw[3], syn=sy[0], syc=sy[1], syh=sy[2], syw=sy[3], **geom, HAS_BIAS=True, **flags)
+
+
+def _active_dx_args(case, dtype, prec):
+    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args = _active_common(case, dtype, prec)
+    sg, sw, sd = _strides((n, o, ho, wo), cl), _strides((o, c, geom["KH"], geom["KW"])), _strides((n, c, h, w), cl)
+    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, **idx_args, M=n * h * w, C_ACT=c_act, R_ACT=n_act, H=h, W=w, HO=ho,
+                WO=wo, sgn=sg[0], sgc=sg[1], sgh=sg[2], sgw=sg[3], swo=sw[0], swc=sw[1], swh=sw[2], sww=sw[3],
+                sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom, **flags, G_CHANNELS_LAST=cl)
+
+
+def _active_dw_args(case, dtype, prec):
+    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args = _active_common(case, dtype, prec)
+    f32 = _mock(torch.float32)
+    sg, sx, sd = _strides((n, o, ho, wo), cl), _strides((n, c, h, w), cl), _strides((o, c, geom["KH"], geom["KW"]))
+    return dict(g_ptr=t, x_ptr=t, dw_ptr=f32, db_ptr=f32, **idx_args, K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act,
+                H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgc=sg[1], sgh=sg[2], sgw=sg[3], sxn=sx[0], sxc=sx[1], sxh=sx[2],
+                sxw=sx[3], sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom, HAS_BIAS=True, **flags,
+                G_CHANNELS_LAST=cl)
+
+
+def _hist_args(case, dtype, prec):
+    n, c, _, h, w, k, s, p = CONV_SHAPES[case["shape"]]
+    ho, wo = _out_hw(h, w, k, s, p)
+    cl = case["layout"] == "channels_last"
+    tables, bits = 3, case.get("bits", 5)  # ALSHConfig defaults: L = 3 tables of K = 5 bits
+    has_in = case["idx"] == "in"
+    c_read = max(1, int(c * ACTIVE_FRACTION)) if has_in else c
+    n_planes, n_buckets = tables * bits, 1 << bits
+    codes = case.get("codes", False)
+    t, i32, i64 = _mock(dtype), _mock(torch.int32), _mock(torch.int64)
+    sx, sp = _strides((n, c, h, w), cl), _strides((n_planes, c, k, k))
+    sc = _strides((n, tables, ho, wo)) if codes else (0, 0, 0, 0)
+    return dict(x_ptr=t, planes_ptr=t, in_idx_ptr=i64 if has_in else i32, hist_ptr=i32,
+                codes_ptr=i64 if codes else i32, M=n * ho * wo, D=c_read * k * k, P=n_planes, C_READ=c_read, H=h, W=w,
+                HO=ho, WO=wo, sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], spp=sp[0], spc=sp[1], sph=sp[2],
+                spw=sp[3], scn=sc[0], sct=sc[1], sch=sc[2], scw=sc[3], stride_h=s, stride_w=s, pad_h=p, pad_w=p,
+                dil_h=1, dil_w=1, KH=k, KW=k, BITS=bits, TABLES=tables, N_BUCKETS=n_buckets,
+                BLOCK_P=max(16, triton.next_power_of_2(n_planes)), HAS_IN_IDX=has_in, WRITE_CODES=codes,
+                LOCAL_HIST=n_buckets <= 1024, CHANNELS_INNER=cl and c > 1, PRECISION=prec)
+
+
+# Sketch layers: conv shapes above with rank r, or a linear layer (M rows, in, out, r) viewed as 1x1 convs.
+SKETCH_LINEAR = {"alexnet_fc6_9216x4096_r256@64": (64, 9216, 4096, 256)}
+
+
+def _sketch_geometry(case):
+    if case["shape"] in SKETCH_LINEAR:
+        m, cin, o, r = SKETCH_LINEAR[case["shape"]]
+        return m, cin, o, 1, 1, 1, 1, 0, r
+    n, c, o, h, w, k, s, p = CONV_SHAPES[case["shape"]]
+    return n, c, o, h, w, k, s, p, case.get("r", 64)
+
+
+def _split(work_tiles: int, reduction: int, chunk: int) -> int:
+    """kernels/sketch.py's _split with an H100's target program count."""
+    if work_tiles >= TARGET_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, work_tiles), triton.cdiv(reduction, chunk), 64))
+
+
+def _sketch_common(case, dtype):
+    n, c, o, h, w, k, s, p, r = _sketch_geometry(case)
+    oh, ow = _out_hw(h, w, k, s, p)
+    cl = case["layout"] == "channels_last"
+    has_idx = case["idx"] == "out"
+    oa = max(1, int(o * ACTIVE_FRACTION)) if has_idx else o
+    conv = dict(sh=s, sw=s, ph=p, pw=p, dh=1, dw=1)
+    return n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, _mock(dtype)
+
+
+def _sketch_fwd_args(case, dtype, prec):
+    n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
+    m = n * oh * ow
+    block_r = min(max(16, triton.next_power_of_2(r)), 128)
+    m_tiles = triton.cdiv(m, 64)
+    o_split = min(16, _split(m_tiles, max(oa, 1), 64)) if m_tiles < TARGET_PROGRAMS // 4 else 1
+    sx, sy, sz = _strides((n, c, h, w), cl), _strides((n, o, oh, ow), cl), _strides((n, r, oh, ow), cl)
+    return dict(x_ptr=t, a_ptr=t, b_ptr=t, bias_ptr=t, perm_ptr=_mock(torch.int64) if has_idx else t, y_ptr=t,
+                z_ptr=t, M=m, C=c, H=h, W=w, OH=oh, OW=ow, R=r, OC=o, OA=oa, O_SPLIT=o_split,
+                sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], syn=sy[0], syc=sy[1], syh=sy[2], syw=sy[3],
+                szn=sz[0], szc=sz[1], szh=sz[2], szw=sz[3], **conv, KH=k, KW=k, TAP_MAJOR=c % 16 == 0 or c >= 64,
+                HAS_BIAS=True, HAS_IDX=has_idx, SINGLE_R=r <= block_r, BLOCK_R=block_r, PRECISION=prec)
+
+
+def _sketch_dz_args(case, dtype, prec):
+    n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
+    m = n * oh * ow
+    split = _split(triton.cdiv(m, 64) * triton.cdiv(r, 64), oa, 128)
+    sg = _strides((n, o, oh, ow), cl)
+    return dict(g_ptr=t, b_ptr=t, idx_ptr=_mock(torch.int64) if has_idx else t,
+                dz_ptr=_mock(torch.float32) if split > 1 else t, M=m, OH=oh, OW=ow, R=r, OA=oa, SPLIT=split,
+                o_per_split=triton.cdiv(oa, split), sgn=sg[0], sgc=sg[1], sgh=sg[2], sgw=sg[3], HAS_IDX=has_idx,
+                PARTIAL=split > 1, PRECISION=prec)
+
+
+def _sketch_db_args(case, dtype, prec):
+    n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
+    m = n * oh * ow
+    split = _split(triton.cdiv(oa, 64) * triton.cdiv(r, 64), m, 256)
+    sg, sz = _strides((n, o, oh, ow), cl), _strides((n, r, oh, ow), cl)
+    f32 = _mock(torch.float32)
+    return dict(g_ptr=t, z_ptr=t, idx_ptr=_mock(torch.int64) if has_idx else t, dbw_ptr=f32, dbias_ptr=f32, M=m,
+                OH=oh, OW=ow, R=r, OA=oa, SPLIT=split, m_per_split=triton.cdiv(m, split), sgn=sg[0], sgc=sg[1],
+                sgh=sg[2], sgw=sg[3], szn=sz[0], szc=sz[1], szh=sz[2], szw=sz[3], HAS_IDX=has_idx, NEED_B=True,
+                NEED_BIAS=True, PRECISION=prec)
+
+
+def _sketch_da_args(case, dtype, prec):
+    n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
+    m = n * oh * ow
+    split = _split(triton.cdiv(r, 64) * triton.cdiv(c * k * k, 64), m, 256)
+    sx = _strides((n, c, h, w), cl)
+    return dict(x_ptr=t, dz_ptr=t, da_ptr=_mock(torch.float32), M=m, C=c, H=h, W=w, OH=oh, OW=ow, R=r, SPLIT=split,
+                m_per_split=triton.cdiv(m, split), sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], **conv, KH=k, KW=k,
+                TAP_MAJOR=c % 16 == 0 or c >= 64, PRECISION=prec)
+
+
+def _sketch_dx_args(case, dtype, prec):
+    n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
+    sd = _strides((n, c, h, w), cl)
+    return dict(dz_ptr=t, a_ptr=t, dx_ptr=t, MI=n * h * w, C=c, H=h, W=w, OH=oh, OW=ow, R=r, sdn=sd[0], sdc=sd[1],
+                sdh=sd[2], sdw=sd[3], **conv, KH=k, KW=k, PRECISION=prec)
+
+
+# kernel -> (module, autotuned object name, argument builder, names of the GEMM tile (M, N, K) constexprs)
+KERNELS = {
+    "active_fwd": ("active_conv2d", "_active_conv2d_fwd_kernel", _active_fwd_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "active_dx": ("active_conv2d", "_active_conv2d_bwd_dx_kernel", _active_dx_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "active_dw": ("active_conv2d", "_active_conv2d_bwd_dw_kernel", _active_dw_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "hash_histogram": ("hash_histogram", "_hash_histogram_fwd_kernel", _hist_args, ("BLOCK_M", "BLOCK_P", "BLOCK_D")),
+    "sketch_fwd": ("sketch", "_sketch_conv2d_fwd_kernel", _sketch_fwd_args, ("BLOCK_M", "BLOCK_R", "BLOCK_K")),
+    "sketch_dz": ("sketch", "_sketch_conv2d_bwd_dz_kernel", _sketch_dz_args, ("BLOCK_M", "BLOCK_R", "BLOCK_O")),
+    "sketch_db": ("sketch", "_sketch_conv2d_bwd_db_kernel", _sketch_db_args, ("BLOCK_O", "BLOCK_R", "BLOCK_M")),
+    "sketch_da": ("sketch", "_sketch_conv2d_bwd_da_kernel", _sketch_da_args, ("BLOCK_R", "BLOCK_K", "BLOCK_M")),
+    "sketch_dx": ("sketch", "_sketch_conv2d_bwd_dx_kernel", _sketch_dx_args, ("BLOCK_M", "BLOCK_C", "BLOCK_R")),
+}
+
+
+def _autotuner(kernel: str):
+    import importlib
+
+    module, name, _, _ = KERNELS[kernel]
+    return getattr(importlib.import_module(f"tritonslide.kernels.{module}"), name)
+
+
+def kernel_configs(kernel: str, nargs: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The autotune configs a launch with ``nargs`` would time: the kernel's ``early_config_prune`` applied."""
+    at = _autotuner(kernel)
+    configs = list(at.configs)
+    prune = getattr(at, "early_config_prune", None)
+    how = "all configs (no prune function)"
+    if prune is not None:
+        configs = prune(configs, nargs)
+        how = f"pruned by {prune.__name__}"
+    out = [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+    return out, how
+
+
+# ---------------------------------------------------------------------------------------------------- compile
+
+
+def _specialize(fn, args: dict[str, Any], target, options: dict[str, Any]):
+    """(signature, constexprs, attrs) exactly as the JIT launcher builds them for these arguments."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(**args)
+    _, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, opts)
+    return signature, constexprs, attrs
+
+
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRA = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(0x[0-9a-f]+)")
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _opcode(text: str) -> str:
+    text = re.sub(r"^@!?U?P\w+\s+", "", text)
+    return text.split()[0] if text else ""
+
+
+def _ldg_width(op: str) -> int:
+    for w in (128, 64):
+        if f".{w}" in op:
+            return w
+    if ".U16" in op or ".S16" in op:
+        return 16
+    if ".U8" in op or ".S8" in op:
+        return 8
+    return 32
+
+
+def sass_stats(cubin: bytes) -> dict[str, Any]:
+    """Resource usage and SASS counts of a cubin (``cuobjdump --dump-resource-usage`` and ``-sass``).
+
+    Main loop: every ``BRA`` to an earlier address closes a loop [target, branch]; the main loop is the one that
+    holds the most tensor-core instructions (HMMA / HGMMA; FFMA for kernels without them), the innermost such loop
+    on ties (an outer loop around an inner dot loop holds the same MMAs). Its length is in instructions."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([str(TRITON_BIN / "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    m = _RES.search(res)
+    regs, stack, static_smem, local = (int(v) for v in m.groups()) if m else (None, None, None, None)
+    instrs = []  # (address, opcode, text)
+    for line in sass.splitlines():
+        im = _INSTR.match(line)
+        if im:
+            text = im.group(2)
+            instrs.append((int(im.group(1), 16), _opcode(text), text))
+    ops = Counter(op for _, op, _ in instrs)
+
+    def family(op):
+        return op.split(".")[0]
+
+    mma = Counter()
+    loads = Counter()
+    ldg_width = Counter()
+    for op, cnt in ops.items():
+        fam = family(op)
+        if fam in ("HMMA", "HGMMA", "IMMA", "DMMA"):
+            mma[op] += cnt
+        if fam in ("LDG", "LDGSTS", "UTMALDG", "LDSM", "LDS"):
+            loads[op] += cnt
+        if fam == "LDG":
+            ldg_width[_ldg_width(op)] += cnt
+
+    def count_in(lo, hi, fams):
+        return sum(1 for a, op, _ in instrs if lo <= a <= hi and family(op) in fams)
+
+    loops = []
+    for addr, op, text in instrs:
+        bm = _BRA.match(text)
+        if bm:
+            tgt = int(bm.group(1), 16)
+            if tgt < addr:
+                lo_hi = (tgt, addr)
+                n = sum(1 for a, _, _ in instrs if tgt <= a <= addr)
+                loops.append({"start": hex(tgt), "end": hex(addr), "instructions": n,
+                              "mma": count_in(*lo_hi, ("HMMA", "HGMMA")), "ffma": count_in(*lo_hi, ("FFMA",)),
+                              "ldg": count_in(*lo_hi, ("LDG",)), "ldgsts": count_in(*lo_hi, ("LDGSTS",)),
+                              "tma": count_in(*lo_hi, ("UTMALDG",))})
+    main = None
+    if loops:
+        key = "mma" if any(lp["mma"] for lp in loops) else "ffma"
+        main = max(loops, key=lambda lp: (lp[key], -lp["instructions"]))
+    return {
+        "regs": regs, "spill_bytes": stack + local, "stack_bytes": stack, "static_smem": static_smem,
+        "sass_instructions": len(instrs), "mma": dict(mma), "loads": dict(loads),
+        "ldg_width_bits": {str(k): v for k, v in sorted(ldg_width.items())}, "loops": loops, "main_loop": main,
+    }
+
+
+def _ptx_counts(ptx: str) -> dict[str, int]:
+    return {"mma.sync": len(re.findall(r"\bmma\.sync", ptx)), "wgmma.mma_async": len(re.findall(r"wgmma\.mma_async",
+                                                                                                 ptx)),
+            "cp.async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+            "cp.async.bulk.tensor": len(re.findall(r"cp\.async\.bulk\.tensor", ptx))}
+
+
+def compile_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Compile one (kernel, case, dtype, target, config) and return its record; errors are recorded."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rec = dict(job)
+    t0 = time.perf_counter()
+    try:
+        dtype, prec = DTYPES[job["dtype"]]
+        target = GPUTarget("cuda", job["target"], 32)
+        if job["kernel"] == "dense_gemm":
+            fn, args = _dense_gemm_kernel, _dense_args(dtype, prec)
+        else:
+            fn = _autotuner(job["kernel"]).fn
+            args = KERNELS[job["kernel"]][2](job["case"], dtype, prec)
+        args.update(job["config"]["kwargs"])
+        options = {"num_warps": job["config"]["num_warps"], "num_stages": job["config"]["num_stages"]}
+        signature, constexprs, attrs = _specialize(fn, args, target, options)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+        rec.update(sass_stats(compiled.asm["cubin"]))
+        rec["smem"] = compiled.metadata.shared
+        rec["ptx"] = _ptx_counts(compiled.asm["ptx"])
+        rec["constexpr_args"] = sorted(fn.arg_names[k[0]] for k in constexprs if not fn.params[k[0]].is_constexpr)
+        rec["ok"] = True
+    except Exception as exc:  # recorded, not raised: one failing config must not hide the others
+        rec["ok"] = False
+        rec["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        rec["traceback"] = traceback.format_exc(limit=3)[-2000:]
+    rec["compile_s"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------- plans
+
+
+def _cases(kernel: str, plan: str) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+    """(case, dtypes) pairs. The main case of each kernel runs in every dtype; variants run in fp16 only (constexpr
+    flags change the address / mask code, which is the same for every element type)."""
+    all_dt = ("fp16", "bf16", "fp32", "tf32")
+    if kernel.startswith("active"):
+        main = {"shape": "vgg11_256x256_3x3@28", "layout": "nchw", "idx": "out+in"}
+        variants = [dict(main, layout="channels_last"), dict(main, idx="none"),
+                    dict(main, idx="none", layout="channels_last"), dict(main, idx="out+count"),
+                    dict(main, shape="resnet18_64x64_3x3@56"),
+                    dict(main, shape="resnet18_64x64_3x3@56", layout="channels_last")]
+    elif kernel == "hash_histogram":
+        main = {"shape": "vgg11_256x256_3x3@28", "layout": "nchw", "idx": "none"}
+        variants = [dict(main, layout="channels_last"), dict(main, idx="in"), dict(main, codes=True),
+                    dict(main, bits=12), dict(main, shape="alexnet_conv1_3x64_11x11s4")]
+    else:
+        main = {"shape": "vgg11_256x256_3x3@28", "layout": "nchw", "idx": "out", "r": 64}
+        variants = [dict(main, layout="channels_last"), dict(main, idx="none"),
+                    dict(main, shape="alexnet_conv1_3x64_11x11s4", r=16),
+                    {"shape": "alexnet_fc6_9216x4096_r256@64", "layout": "nchw", "idx": "out"}]
+    if plan == "ci":
+        return [(main, ("fp16",))]
+    return [(main, all_dt)] + [(v, ("fp16",)) for v in variants]
+
+
+# Full plan: the variants compile for the newest target only (sm_90); the main case covers every target. Compiling
+# the variants for sm_80 too doubles the plan to ~1,230 compiles, about 17 min on 2 cores.
+VARIANT_TARGETS_LAST_ONLY = True
+
+
+def _case_name(case: dict[str, Any]) -> str:
+    extra = "".join(f",{k}={case[k]}" for k in ("r", "bits", "codes") if k in case)
+    return f"{case['shape']},{case['layout']},idx={case['idx']}{extra}"
+
+
+def build_plan(plan: str, targets: list[int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Jobs of ``plan``. ci: every kernel's main case, fp16, all its (pruned) configs, every target.
+    full: the main case in fp16 / bf16 / fp32 (IEEE) / fp32 (TF32) on every target, plus the layout / index-set /
+    shape variants of :func:`_cases` in fp16 on the last target (``VARIANT_TARGETS_LAST_ONLY``); every (pruned)
+    config. Each distinct (tile, warps, stages, dtype, target)
+    also gets one dense GEMM job."""
+    jobs, prune_notes, dense = [], {}, {}
+    for kernel in KERNELS:
+        for n_case, (case, dtypes) in enumerate(_cases(kernel, plan)):
+            case_targets = targets[-1:] if n_case and VARIANT_TARGETS_LAST_ONLY else targets
+            for dt in dtypes:
+                dtype, prec = DTYPES[dt]
+                nargs = KERNELS[kernel][2](case, dtype, prec)
+                configs, how = kernel_configs(kernel, nargs)
+                prune_notes[kernel] = how
+                for cfg in configs:
+                    tile = tuple({**nargs, **cfg["kwargs"]}[k] for k in KERNELS[kernel][3])
+                    for tg in case_targets:
+                        jobs.append({"kernel": kernel, "case": case, "variant": _case_name(case), "dtype": dt,
+                                     "target": tg, "config": cfg, "gemm_tile": tile})
+                        dkey = (tile, cfg["num_warps"], cfg["num_stages"], dt, tg)
+                        dense[dkey] = {"kernel": "dense_gemm", "case": {}, "variant": "row-major 4096^3", "dtype": dt,
+                                       "target": tg, "gemm_tile": tile,
+                                       "config": {"kwargs": dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile)),
+                                                  "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}}
+    return list(dense.values()) + jobs, prune_notes
+
+
+def _dense_key(rec):
+    return (tuple(rec["gemm_tile"]), rec["config"]["num_warps"], rec["config"]["num_stages"], rec["dtype"],
+            rec["target"])
+
+
+def attach_ratios(records: list[dict[str, Any]]) -> None:
+    dense = {_dense_key(r): r for r in records if r["kernel"] == "dense_gemm" and r.get("ok")}
+    for r in records:
+        if r["kernel"] == "dense_gemm" or not r.get("ok"):
+            continue
+        d = dense.get(_dense_key(r))
+        ml, dl = r.get("main_loop"), d.get("main_loop") if d else None
+        r["dense_main_loop"] = dl["instructions"] if dl else None
+        r["loop_ratio_vs_dense"] = round(ml["instructions"] / dl["instructions"], 2) if ml and dl else None
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _cfg_str(rec):
+    c = rec["config"]
+    kw = c["kwargs"]
+    return "/".join(str(v) for v in kw.values()) + f" w{c['num_warps']}s{c['num_stages']}"
+
+
+def _mma_str(rec):
+    if not rec.get("mma"):
+        return "none"
+    fams = Counter()
+    for op, n in rec["mma"].items():
+        fams[op.split(".")[0]] += n
+    return ",".join(f"{k}:{v}" for k, v in sorted(fams.items()))
+
+
+def _loads_str(rec):
+    w = rec.get("ldg_width_bits", {})
+    parts = [f"{k}b:{v}" for k, v in sorted(w.items(), key=lambda kv: -int(kv[0]))]
+    for fam in ("LDGSTS", "UTMALDG"):
+        n = sum(v for op, v in rec.get("loads", {}).items() if op.split(".")[0] == fam)
+        if n:
+            parts.append(f"{fam}:{n}")
+    return " ".join(parts) or "-"
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    cols = ("kernel", "variant", "dt", "sm", "config", "regs", "spill", "smem", "mma", "LDG widths", "loop",
+            "x dense")
+    rows = []
+    for r in records:
+        if not r.get("ok"):
+            rows.append((r["kernel"], r["variant"], r["dtype"], r["target"], _cfg_str(r), "ERR", "", "", "",
+                         r["error"][:60], "", ""))
+            continue
+        ml = r.get("main_loop")
+        rows.append((r["kernel"], r["variant"], r["dtype"], r["target"], _cfg_str(r), r["regs"], r["spill_bytes"],
+                     r["smem"], _mma_str(r), _loads_str(r), ml["instructions"] if ml else "-",
+                     r.get("loop_ratio_vs_dense", "-") if r["kernel"] != "dense_gemm" else ""))
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    for row in (cols, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    by = defaultdict(list)
+    for r in records:
+        by[r["kernel"]].append(r)
+    out = {}
+    for kernel, rs in by.items():
+        ok = [r for r in rs if r.get("ok")]
+        ratios = sorted(r["loop_ratio_vs_dense"] for r in ok if r.get("loop_ratio_vs_dense") is not None)
+        mma = Counter()
+        for r in ok:
+            mma[_mma_str(r)] += 1
+        out[kernel] = {
+            "compiles": len(rs), "failures": len(rs) - len(ok),
+            "errors": sorted({r["error"] for r in rs if not r.get("ok")})[:5],
+            "spilling": len([r for r in ok if r["spill_bytes"]]),
+            "spilling_configs": sorted({f"{r['variant']} {r['dtype']} sm{r['target']} {_cfg_str(r)}: "
+                                        f"{r['spill_bytes']} B" for r in ok if r["spill_bytes"]})[:40],
+            "max_regs": max((r["regs"] for r in ok), default=None),
+            "mma_kinds": dict(mma),
+            "loop_ratio_min_median_max": ([ratios[0], ratios[len(ratios) // 2], ratios[-1]] if ratios else None),
+            "compile_s_total": round(sum(r["compile_s"] for r in rs), 1),
+        }
+    return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print("\nkernel            compiles  fail  spilling  max_regs  loop/dense (min med max)  mma kinds")
+    for k, s in summary.items():
+        ratio = " ".join(str(x) for x in s["loop_ratio_min_median_max"]) if s["loop_ratio_min_median_max"] else "-"
+        print(f"{k:<17} {s['compiles']:>8}  {s['failures']:>4}  {s['spilling']:>8}  {s['max_regs'] or '-':>8}  "
+              f"{ratio:<24}  {s['mma_kinds']}")
+        for e in s["errors"]:
+            print(f"    error: {e}")
+
+
+def tool_versions() -> dict[str, str]:
+    ptxas = subprocess.run([str(TRITON_BIN / "ptxas"), "--version"], capture_output=True, text=True).stdout
+    line = [ln for ln in ptxas.splitlines() if "release" in ln]
+    return {"triton_version": triton.__version__, "ptxas_version": line[0].strip() if line else ptxas.strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", choices=("ci", "full"), default="ci")
+    parser.add_argument("--targets", default="80,90", help="comma-separated compute capabilities")
+    parser.add_argument("--out", default=None, help="JSON output (default: none for ci, bench/results/aot.json)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--kernels", default=None, help="comma-separated subset of " + ",".join(KERNELS))
+    parser.add_argument("--quiet", action="store_true", help="print the summary only, not the per-compile table")
+    ns = parser.parse_args(argv)
+    targets = [int(t) for t in ns.targets.split(",")]
+    t_start = time.perf_counter()
+    jobs, prune_notes = build_plan(ns.plan, targets)
+    if ns.kernels:
+        keep = set(ns.kernels.split(","))
+        used = {_dense_key(j) for j in jobs if j["kernel"] in keep}
+        jobs = [j for j in jobs if j["kernel"] in keep or (j["kernel"] == "dense_gemm" and _dense_key(j) in used)]
+    # a fresh cache, so that the timings are cold compiles and never a cache hit from an earlier run
+    with tempfile.TemporaryDirectory(prefix="tritonslide-aot-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        print(f"bench.aot: plan {ns.plan}, {len(jobs)} compiles on {ns.workers} workers, targets {targets}",
+              file=sys.stderr)
+        if ns.workers > 1:
+            with ProcessPoolExecutor(ns.workers) as pool:
+                records = list(pool.map(compile_job, jobs, chunksize=1))
+        else:
+            records = [compile_job(j) for j in jobs]
+    attach_ratios(records)
+    wall = time.perf_counter() - t_start
+    if not ns.quiet:
+        print_table(records)
+    summary = summarize(records)
+    print_summary(summary)
+    print(f"\n{len(records)} compiles, {sum(not r['ok'] for r in records)} failures, {wall:.0f} s wall")
+    out = ns.out or (None if ns.plan == "ci" else str(REPO_ROOT / "bench" / "results" / "aot.json"))
+    if out:
+        sys.path.insert(0, str(REPO_ROOT))
+        from bench.utils import environment
+
+        for r in records:
+            r.pop("traceback", None) if r.get("ok") else None
+        doc = {"environment": environment(), **tool_versions(), "plan": ns.plan, "targets": targets,
+               "kernels": ns.kernels or "all", "workers": ns.workers, "wall_s": round(wall, 1),
+               "prune": prune_notes, "main_loop_method": sass_stats.__doc__.split("\n\n")[1].strip(),
+               "summary": summary, "records": records}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
