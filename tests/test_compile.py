@@ -7,6 +7,7 @@ layers keep their per-step state in buffers, so a patched CNN traces into a sing
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -40,19 +41,12 @@ def config_for(method: str):
 
 
 def patched(method: str, model: nn.Module | None = None) -> nn.Module:
-    with pytest.warns(UserWarning) if method == "sketch" else _nothing():
+    with pytest.warns(UserWarning) if method == "sketch" else contextlib.nullcontext():
         model = tritonslide.patch(model if model is not None else small_cnn(), config_for(method))
     converted = [m for m in model.modules() if tritonslide._registry.is_tritonslide_layer(m)]
     assert len(converted) >= 2, f"{method}: expected at least two converted layers"
     return model
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.fixture(autouse=True)
