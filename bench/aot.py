@@ -118,6 +118,10 @@ ACTIVE_FRACTION = 0.25  # ALSH active sets of a quarter of the filters / channel
 
 
 def _active_common(case, dtype, prec):
+    """The kernels' operands as the launchers hand them over: x / dy NHWC holding the active channels only (the
+    launchers compact in_idx / out_idx channels before the kernels), W as (O, kh, kw, C_act); ``layout`` is the
+    memory format of the op's input and output (an NCHW op pays the conversion in the launcher, the kernels'
+    stores follow the output's format)."""
     n, c, o, h, w, k, s, p = CONV_SHAPES[case["shape"]]
     ho, wo = _out_hw(h, w, k, s, p)
     cl = case["layout"] == "channels_last"
@@ -127,60 +131,84 @@ def _active_common(case, dtype, prec):
     has_count = idx == "out+count"
     n_act = max(1, int(o * ACTIVE_FRACTION)) if has_out else o
     c_act = max(1, int(c * ACTIVE_FRACTION)) if has_in else c
-    t, i64 = _mock(dtype), _mock(torch.int64)
+    t, i32 = _mock(dtype), _mock(torch.int32)
     geom = dict(KH=k, KW=k, SH=s, SW=s, PH=p, PW=p, DH=1, DW=1)
-    flags = dict(HAS_OUT_IDX=has_out, HAS_IN_IDX=has_in, COMPACT_IN=False, COMPACT_OUT=False, HAS_COUNT=has_count,
-                 X_CHANNELS_LAST=cl, PRECISION=prec)
-    idx_args = dict(out_idx_ptr=i64 if has_out else t, in_idx_ptr=i64 if has_in else t,
-                    count_ptr=i64 if has_count else t)
-    return n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args
+    idx_args = dict(out_idx_ptr=i32 if has_out else t, count_ptr=_mock(torch.int64) if has_count else t)
+    return n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, has_out, has_in, has_count, idx_args
 
 
 def _active_fwd_args(case, dtype, prec):
-    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args = _active_common(case, dtype, prec)
-    sx, sw, sy = _strides((n, c, h, w), cl), _strides((o, c, geom["KH"], geom["KW"])), _strides((n, o, ho, wo), cl)
+    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, has_out, has_in, has_count, idx_args = _active_common(
+        case, dtype, prec)
+    sx, sw, sy = _strides((n, c_act, h, w), True), _strides((o, c_act, geom["KH"], geom["KW"]), True), \
+        _strides((n, o, ho, wo), cl)
     return dict(x_ptr=t, w_ptr=t, b_ptr=t, y_ptr=t, **idx_args, M=n * ho * wo, N_ACT=n_act, C_ACT=c_act, H=h, W=w,
-                HO=ho, WO=wo, sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], swo=sw[0], swc=sw[1], swh=sw[2],
-                sww=sw[3], syn=sy[0], syc=sy[1], syh=sy[2], syw=sy[3], **geom, HAS_BIAS=True, **flags)
+                HO=ho, WO=wo, sxn=sx[0], sxh=sx[2], sxw=sx[3], swo=sw[0], swh=sw[2], sww=sw[3], syn=sy[0], syc=sy[1],
+                syh=sy[2], syw=sy[3], **geom, HAS_BIAS=True, HAS_OUT_IDX=has_out, COMPACT_OUT=False,
+                HAS_COUNT=has_count, Y_CHANNELS_LAST=cl, PRECISION=prec)
 
 
 def _active_dx_args(case, dtype, prec):
-    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args = _active_common(case, dtype, prec)
-    sg, sw, sd = _strides((n, o, ho, wo), cl), _strides((o, c, geom["KH"], geom["KW"])), _strides((n, c, h, w), cl)
-    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, **idx_args, M=n * h * w, C_ACT=c_act, R_ACT=n_act, H=h, W=w, HO=ho,
-                WO=wo, sgn=sg[0], sgc=sg[1], sgh=sg[2], sgw=sg[3], swo=sw[0], swc=sw[1], swh=sw[2], sww=sw[3],
-                sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom, **flags, G_CHANNELS_LAST=cl)
+    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, has_out, has_in, has_count, idx_args = _active_common(
+        case, dtype, prec)
+    sg, sw, sd = _strides((n, n_act, ho, wo), True), _strides((o, c_act, geom["KH"], geom["KW"]), True), \
+        _strides((n, c, h, w), cl)
+    sw = _strides((n_act, c_act, geom["KH"], geom["KW"]), True)  # W's active rows and channels, compacted
+    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, count_ptr=idx_args["count_ptr"],
+                in_idx_ptr=_mock(torch.int32) if has_in else t,
+                M=n * h * w, C_ACT=c_act, R_ACT=n_act, H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgh=sg[2], sgw=sg[3],
+                swo=sw[0], swh=sw[2], sww=sw[3], sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom,
+                SCATTER_IN=has_in, HAS_COUNT=has_count, DX_CHANNELS_LAST=cl, PRECISION=prec)
 
 
 def _active_dw_args(case, dtype, prec):
-    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, flags, idx_args = _active_common(case, dtype, prec)
+    n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, has_out, has_in, has_count, idx_args = _active_common(
+        case, dtype, prec)
     f32 = _mock(torch.float32)
-    sg, sx, sd = _strides((n, o, ho, wo), cl), _strides((n, c, h, w), cl), _strides((o, c, geom["KH"], geom["KW"]))
-    return dict(g_ptr=t, x_ptr=t, dw_ptr=f32, db_ptr=f32, **idx_args, K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act,
-                H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgc=sg[1], sgh=sg[2], sgw=sg[3], sxn=sx[0], sxc=sx[1], sxh=sx[2],
-                sxw=sx[3], sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom, HAS_BIAS=True, **flags,
-                G_CHANNELS_LAST=cl)
+    sg, sx, sd = _strides((n, n_act, ho, wo), True), _strides((n, c_act, h, w), True), \
+        _strides((o, c, geom["KH"], geom["KW"]))
+    return dict(g_ptr=t, x_ptr=t, dw_ptr=f32, db_ptr=f32, **idx_args, in_idx_ptr=_mock(torch.int32) if has_in else t,
+                K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act, H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgh=sg[2],
+                sgw=sg[3], sxn=sx[0], sxh=sx[2], sxw=sx[3], sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom,
+                HAS_BIAS=True, HAS_OUT_IDX=has_out, HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
 
 
 def _hist_args(case, dtype, prec):
+    """kernels/hash_histogram.py's launch: x channels_last (the launcher converts NCHW input once, so the kernel has
+    no NCHW path); C >= 16: tap-major order over x as given and (P, kh, kw, C) planes; C < 16: ROWS order over the
+    launcher's zero-padded (N, Hp, Wp, C_PAD) copy and a (16, D_PAD) planes matrix (``_rows_operands``)."""
+    from tritonslide.kernels.hash_histogram import rows_channels
+
     n, c, _, h, w, k, s, p = CONV_SHAPES[case["shape"]]
     ho, wo = _out_hw(h, w, k, s, p)
-    cl = case["layout"] == "channels_last"
     tables, bits = 3, case.get("bits", 5)  # ALSHConfig defaults: L = 3 tables of K = 5 bits
-    has_in = case["idx"] == "in"
-    c_read = max(1, int(c * ACTIVE_FRACTION)) if has_in else c
+    if case["idx"] == "in":  # the launcher gathers the active channels into a compact copy, padded to 16s
+        c_read = max(1, int(c * ACTIVE_FRACTION))
+        c = c_read if c_read < 16 else triton.cdiv(c_read, 16) * 16
     n_planes, n_buckets = tables * bits, 1 << bits
+    block_p = max(16, triton.next_power_of_2(n_planes))
+    rows = c < 16
+    if not rows and c % 8:  # the launcher pads the channels to a multiple of 8 in a compact copy
+        c = triton.cdiv(c, 8) * 8
+    if rows:
+        c_pad = rows_channels(c)
+        hp, wp = max(h + 2 * p, (ho - 1) * s + k), max(w + 2 * p, (wo - 1) * s + k)
+        wp += -wp % max(1, 16 // c_pad)
+        sx, sp = _strides((n, c_pad, hp, wp), True), (triton.cdiv(k * k * c_pad, 128) * 128, 0, 0, 0)
+        pads = (0, 0)
+    else:
+        c_pad = 1
+        sx, sp = _strides((n, c, h, w), True), _strides((n_planes, c, k, k), True)
+        pads = (p, p)
     codes = case.get("codes", False)
     t, i32, i64 = _mock(dtype), _mock(torch.int32), _mock(torch.int64)
-    sx, sp = _strides((n, c, h, w), cl), _strides((n_planes, c, k, k))
     sc = _strides((n, tables, ho, wo)) if codes else (0, 0, 0, 0)
-    return dict(x_ptr=t, planes_ptr=t, in_idx_ptr=i64 if has_in else i32, hist_ptr=i32,
-                codes_ptr=i64 if codes else i32, M=n * ho * wo, D=c_read * k * k, P=n_planes, C_READ=c_read, H=h, W=w,
-                HO=ho, WO=wo, sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], spp=sp[0], spc=sp[1], sph=sp[2],
-                spw=sp[3], scn=sc[0], sct=sc[1], sch=sc[2], scw=sc[3], stride_h=s, stride_w=s, pad_h=p, pad_w=p,
-                dil_h=1, dil_w=1, KH=k, KW=k, BITS=bits, TABLES=tables, N_BUCKETS=n_buckets,
-                BLOCK_P=max(16, triton.next_power_of_2(n_planes)), HAS_IN_IDX=has_in, WRITE_CODES=codes,
-                LOCAL_HIST=n_buckets <= 1024, CHANNELS_INNER=cl and c > 1, PRECISION=prec)
+    return dict(x_ptr=t, planes_ptr=t, hist_ptr=i32, codes_ptr=i64 if codes else i32,
+                M=n * ho * wo, P=n_planes, C_READ=c, H=h, W=w, HO=ho, WO=wo, sxn=sx[0], sxh=sx[2], sxw=sx[3],
+                spp=sp[0], sph=sp[2], spw=sp[3], scn=sc[0], sct=sc[1], pad_h=pads[0], pad_w=pads[1], dil_w=1,
+                SH=s, SW=s, DH=1, KH=k, KW=k, BITS=bits, TABLES=tables, N_BUCKETS=n_buckets, BLOCK_P=block_p,
+                ROWS=rows, C_PAD=c_pad, WRITE_CODES=codes, LOCAL_HIST=n_buckets <= 1024, PRECISION=prec,
+                C_CONST=0 if rows else c)
 
 
 # Sketch layers: conv shapes above with rank r, or a linear layer (M rows, in, out, r) viewed as 1x1 convs.
@@ -213,57 +241,61 @@ def _sketch_common(case, dtype):
 
 
 def _sketch_fwd_args(case, dtype, prec):
+    """The launcher's arguments: x dense NHWC whatever ``layout`` (it converts NCHW once), A in (r, kh, kw, C);
+    ``layout`` sets the strides of the outputs y and z (x's memory format)."""
     n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
     m = n * oh * ow
     block_r = min(max(16, triton.next_power_of_2(r)), 128)
     m_tiles = triton.cdiv(m, 64)
     o_split = min(16, _split(m_tiles, max(oa, 1), 64)) if m_tiles < TARGET_PROGRAMS // 4 else 1
-    sx, sy, sz = _strides((n, c, h, w), cl), _strides((n, o, oh, ow), cl), _strides((n, r, oh, ow), cl)
-    return dict(x_ptr=t, a_ptr=t, b_ptr=t, bias_ptr=t, perm_ptr=_mock(torch.int64) if has_idx else t, y_ptr=t,
+    sy, sz = _strides((n, o, oh, ow), cl), _strides((n, r, oh, ow), cl)
+    fma = dtype == torch.float32 and prec == "ieee"
+    return dict(x_ptr=t, a_ptr=t, b_ptr=t, bias_ptr=t, perm_ptr=_mock(torch.int32) if has_idx else t, y_ptr=t,
                 z_ptr=t, M=m, C=c, H=h, W=w, OH=oh, OW=ow, R=r, OC=o, OA=oa, O_SPLIT=o_split,
-                sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], syn=sy[0], syc=sy[1], syh=sy[2], syw=sy[3],
+                sxn=h * w * c, sxh=w * c, sxw=c, syn=sy[0], syc=sy[1], syh=sy[2], syw=sy[3],
                 szn=sz[0], szc=sz[1], szh=sz[2], szw=sz[3], **conv, KH=k, KW=k, TAP_MAJOR=c % 16 == 0 or c >= 64,
-                HAS_BIAS=True, HAS_IDX=has_idx, SINGLE_R=r <= block_r, BLOCK_R=block_r, PRECISION=prec)
+                HAS_BIAS=True, HAS_IDX=has_idx, SINGLE_R=r <= block_r and not fma, BLOCK_R=block_r, PRECISION=prec)
 
 
 def _sketch_dz_args(case, dtype, prec):
+    """With out_idx the launcher compacts G's active columns (row stride OA rounded up to 16) and B's active rows."""
     n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
     m = n * oh * ow
     split = _split(triton.cdiv(m, 64) * triton.cdiv(r, 64), oa, 128)
-    sg = _strides((n, o, oh, ow), cl)
-    return dict(g_ptr=t, b_ptr=t, idx_ptr=_mock(torch.int64) if has_idx else t,
-                dz_ptr=_mock(torch.float32) if split > 1 else t, M=m, OH=oh, OW=ow, R=r, OA=oa, SPLIT=split,
-                o_per_split=triton.cdiv(oa, split), sgn=sg[0], sgc=sg[1], sgh=sg[2], sgw=sg[3], HAS_IDX=has_idx,
-                PARTIAL=split > 1, PRECISION=prec)
+    per = triton.cdiv(triton.cdiv(oa, split), 64) * 64
+    split = triton.cdiv(oa, per)
+    return dict(g_ptr=t, b_ptr=t, dz_ptr=_mock(torch.float32) if split > 1 else t, M=m, R=r, OA=oa,
+                LDG=triton.cdiv(oa, 16) * 16 if has_idx else o, SPLIT=split, o_per_split=per, PARTIAL=split > 1,
+                PRECISION=prec)
 
 
 def _sketch_db_args(case, dtype, prec):
     n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
     m = n * oh * ow
     split = _split(triton.cdiv(oa, 64) * triton.cdiv(r, 64), m, 256)
-    sg, sz = _strides((n, o, oh, ow), cl), _strides((n, r, oh, ow), cl)
     f32 = _mock(torch.float32)
-    return dict(g_ptr=t, z_ptr=t, idx_ptr=_mock(torch.int64) if has_idx else t, dbw_ptr=f32, dbias_ptr=f32, M=m,
-                OH=oh, OW=ow, R=r, OA=oa, SPLIT=split, m_per_split=triton.cdiv(m, split), sgn=sg[0], sgc=sg[1],
-                sgh=sg[2], sgw=sg[3], szn=sz[0], szc=sz[1], szh=sz[2], szw=sz[3], HAS_IDX=has_idx, NEED_B=True,
-                NEED_BIAS=True, PRECISION=prec)
+    # db runs in the kernel except with TF32 products (the launcher sums it with torch there)
+    return dict(g_ptr=t, z_ptr=t, dbw_ptr=f32, dbias_ptr=f32, M=m, R=r, OA=oa,
+                LDG=triton.cdiv(oa, 16) * 16 if has_idx else o, SPLIT=split, m_per_split=triton.cdiv(m, split),
+                NEED_B=True, NEED_BIAS=prec != "tf32", PRECISION=prec)
 
 
 def _sketch_da_args(case, dtype, prec):
     n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
     m = n * oh * ow
     split = _split(triton.cdiv(r, 64) * triton.cdiv(c * k * k, 64), m, 256)
-    sx = _strides((n, c, h, w), cl)
-    return dict(x_ptr=t, dz_ptr=t, da_ptr=_mock(torch.float32), M=m, C=c, H=h, W=w, OH=oh, OW=ow, R=r, SPLIT=split,
-                m_per_split=triton.cdiv(m, split), sxn=sx[0], sxc=sx[1], sxh=sx[2], sxw=sx[3], **conv, KH=k, KW=k,
-                TAP_MAJOR=c % 16 == 0 or c >= 64, PRECISION=prec)
+    tap_major = c % 16 == 0 or c >= 64
+    table = tap_major and not (k == 1 and conv["sh"] == 1 and conv["ph"] == 0)
+    return dict(x_ptr=t, dz_ptr=t, rows_ptr=_mock(torch.int32) if table else t, da_ptr=_mock(torch.float32), M=m,
+                C=c, H=h, W=w, OH=oh, OW=ow, R=r, SPLIT=split, m_per_split=triton.cdiv(m, split), sxn=h * w * c,
+                sxh=w * c, sxw=c, **conv, KH=k, KW=k, TAP_MAJOR=tap_major, ROW_TABLE=table, PRECISION=prec)
 
 
 def _sketch_dx_args(case, dtype, prec):
     n, c, o, h, w, k, oh, ow, r, cl, has_idx, oa, conv, t = _sketch_common(case, dtype)
     sd = _strides((n, c, h, w), cl)
     return dict(dz_ptr=t, a_ptr=t, dx_ptr=t, MI=n * h * w, C=c, H=h, W=w, OH=oh, OW=ow, R=r, sdn=sd[0], sdc=sd[1],
-                sdh=sd[2], sdw=sd[3], **conv, KH=k, KW=k, PRECISION=prec)
+                sdh=sd[2], sdw=sd[3], **conv, KH=k, KW=k, UNIT_STRIDE=conv["sh"] == 1, PRECISION=prec)
 
 
 # kernel -> (module, autotuned object name, argument builder, names of the GEMM tile (M, N, K) constexprs)
@@ -388,7 +420,10 @@ def sass_stats(cubin: bytes) -> dict[str, Any]:
                 loops.append({"start": hex(tgt), "end": hex(addr), "instructions": n,
                               "mma": count_in(*lo_hi, ("HMMA", "HGMMA")), "ffma": count_in(*lo_hi, ("FFMA",)),
                               "ldg": count_in(*lo_hi, ("LDG",)), "ldgsts": count_in(*lo_hi, ("LDGSTS",)),
-                              "tma": count_in(*lo_hi, ("UTMALDG",))})
+                              "tma": count_in(*lo_hi, ("UTMALDG",)),
+                              "ldg_bits": {str(k): v for k, v in sorted(Counter(
+                                  _ldg_width(op) for a, op, _ in instrs if tgt <= a <= addr and family(op) == "LDG"
+                              ).items())}})
     main = None
     if loops:
         key = "mma" if any(lp["mma"] for lp in loops) else "ffma"
@@ -447,23 +482,30 @@ def _cases(kernel: str, plan: str) -> list[tuple[dict[str, Any], tuple[str, ...]
     flags change the address / mask code, which is the same for every element type)."""
     all_dt = ("fp16", "bf16", "fp32", "tf32")
     if kernel.startswith("active"):
-        main = {"shape": "vgg11_256x256_3x3@28", "layout": "nchw", "idx": "out+in"}
-        variants = [dict(main, layout="channels_last"), dict(main, idx="none"),
-                    dict(main, idx="none", layout="channels_last"), dict(main, idx="out+count"),
-                    dict(main, shape="resnet18_64x64_3x3@56"),
-                    dict(main, shape="resnet18_64x64_3x3@56", layout="channels_last")]
+        # linked layers at fraction 0.25 (the active extents clamp the tiles to 64), and the whole layer (no index
+        # set: the full 128-wide tiles), both in every dtype
+        main = {"shape": "vgg11_256x256_3x3@28", "layout": "channels_last", "idx": "out+in"}
+        extra_mains = [dict(main, idx="none")]
+        variants = [dict(main, layout="nchw"), dict(main, idx="out"),
+                    dict(main, idx="out+count"), dict(main, shape="resnet18_64x64_3x3@56"),
+                    dict(main, shape="alexnet_conv1_3x64_11x11s4", idx="out")]
     elif kernel == "hash_histogram":
-        main = {"shape": "vgg11_256x256_3x3@28", "layout": "nchw", "idx": "none"}
-        variants = [dict(main, layout="channels_last"), dict(main, idx="in"), dict(main, codes=True),
-                    dict(main, bits=12), dict(main, shape="alexnet_conv1_3x64_11x11s4")]
+        # The kernel reads channels_last only (NCHW input is converted by the launcher): no NCHW variant.
+        main = {"shape": "vgg11_256x256_3x3@28", "layout": "channels_last", "idx": "none"}
+        variants = [dict(main, idx="in"), dict(main, codes=True), dict(main, bits=12),
+                    dict(main, shape="alexnet_conv1_3x64_11x11s4"), dict(main, shape="resnet18_64x64_3x3@56")]
     else:
-        main = {"shape": "vgg11_256x256_3x3@28", "layout": "nchw", "idx": "out", "r": 64}
-        variants = [dict(main, layout="channels_last"), dict(main, idx="none"),
+        # sketch: the default layout path (channels_last activations, all channels active) is the main case; the
+        # launcher converts NCHW x / grad_y once, so "nchw" only changes the strides of the stores (y, z, dx)
+        main = {"shape": "vgg11_256x256_3x3@28", "layout": "channels_last", "idx": "none", "r": 64}
+        variants = [dict(main, layout="nchw"), dict(main, idx="out"),
+                    dict(main, shape="resnet18_64x64_3x3@56"),
                     dict(main, shape="alexnet_conv1_3x64_11x11s4", r=16),
-                    {"shape": "alexnet_fc6_9216x4096_r256@64", "layout": "nchw", "idx": "out"}]
+                    {"shape": "alexnet_fc6_9216x4096_r256@64", "layout": "channels_last", "idx": "none"}]
+    mains = [main] + (extra_mains if kernel.startswith("active") else [])
     if plan == "ci":
         return [(main, ("fp16",))]
-    return [(main, all_dt)] + [(v, ("fp16",)) for v in variants]
+    return [(m, all_dt) for m in mains] + [(v, ("fp16",)) for v in variants]
 
 
 # Full plan: the variants compile for the newest target only (sm_90); the main case covers every target. Compiling
@@ -476,17 +518,20 @@ def _case_name(case: dict[str, Any]) -> str:
     return f"{case['shape']},{case['layout']},idx={case['idx']}{extra}"
 
 
-def build_plan(plan: str, targets: list[int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def build_plan(plan: str, targets: list[int], only_dtypes: tuple[str, ...] | None = None
+               ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Jobs of ``plan``. ci: every kernel's main case, fp16, all its (pruned) configs, every target.
     full: the main case in fp16 / bf16 / fp32 (IEEE) / fp32 (TF32) on every target, plus the layout / index-set /
     shape variants of :func:`_cases` in fp16 on the last target (``VARIANT_TARGETS_LAST_ONLY``); every (pruned)
-    config. Each distinct (tile, warps, stages, dtype, target)
+    config. ``only_dtypes`` keeps those dtypes only. Each distinct (tile, warps, stages, dtype, target)
     also gets one dense GEMM job."""
     jobs, prune_notes, dense = [], {}, {}
     for kernel in KERNELS:
         for n_case, (case, dtypes) in enumerate(_cases(kernel, plan)):
-            case_targets = targets[-1:] if n_case and VARIANT_TARGETS_LAST_ONLY else targets
+            case_targets = targets[-1:] if len(dtypes) == 1 and VARIANT_TARGETS_LAST_ONLY and plan != "ci" else targets
             for dt in dtypes:
+                if only_dtypes and dt not in only_dtypes:
+                    continue
                 dtype, prec = DTYPES[dt]
                 nargs = KERNELS[kernel][2](case, dtype, prec)
                 configs, how = kernel_configs(kernel, nargs)
@@ -518,6 +563,74 @@ def attach_ratios(records: list[dict[str, Any]]) -> None:
         ml, dl = r.get("main_loop"), d.get("main_loop") if d else None
         r["dense_main_loop"] = dl["instructions"] if dl else None
         r["loop_ratio_vs_dense"] = round(ml["instructions"] / dl["instructions"], 2) if ml and dl else None
+
+
+# H200 (issue #12): 132 SMs x 4 warp schedulers x 1.98 GHz, one warp-instruction per scheduler per cycle at best;
+# 4.3 TB/s is the measured device-to-device copy rate (4.8 TB/s peak).
+H200_WARP_ISSUE_PER_S = 132 * 4 * 1.98e9
+H200_COPY_BYTES_PER_S = 4.3e12
+
+
+def hash_issue_model(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """ESTIMATE, from SASS only, of the hash kernel's issue time against the time of reading x once on an H200.
+
+    Per tile (one program, ``num_warps`` warps, all executing the same SASS): the main loop runs ``iterations``
+    times (from the launch arguments of :func:`_hist_args`: tap-major, floor(kh*kw*C / BLOCK_D), or
+    kh*kw*cdiv(C, BLOCK_D) above 32 taps; ROWS, floor(kh*kw*C_PAD / BLOCK_D); 0 when the compiler unrolled the
+    reduction) and every other instruction of the kernel (position decomposition, padding bitmask, pipeline
+    prologue, peeled partial chunk, sign packing, histogram, atomics) runs once:
+    ``warp_instr_per_tile = num_warps * (iterations * loop + (sass_instructions - loop))``. The grid issues
+    ``cdiv(M, BLOCK_M)`` tiles (ROWS: ``N * cdiv(H'W', BLOCK_M)``, tiles within one image) at
+    ``H200_WARP_ISSUE_PER_S`` (every scheduler issuing every cycle: a lower bound on the time; no stall, no tail
+    effect, one issue slot per HGMMA / LDGSTS; branches inside the epilogue counted as taken once). The reference is
+    x read once from memory as the op receives it (N*C*H*W elements, unpadded) at ``H200_COPY_BYTES_PER_S``. Not
+    modelled: the launcher's NCHW -> NHWC conversion or ROWS padding copy (one extra pass over x when it happens),
+    memory stalls, atomic contention on the histogram. sm_80 records get the same H200 constants (their code, not
+    an A100's rates). Ratio <= 1.5 is issue #12's target."""
+    if rec["kernel"] != "hash_histogram" or not rec.get("ok"):
+        return None
+    dtype, prec = DTYPES[rec["dtype"]]
+    a = {**_hist_args(rec["case"], dtype, prec), **rec["config"]["kwargs"]}
+    n, c, _, h, w, k, s, p = CONV_SHAPES[rec["case"]["shape"]]
+    if a["ROWS"]:  # the partial last chunk is peeled out of the loop: counted in `once`
+        iterations = a["KH"] * a["KW"] * a["C_PAD"] // a["BLOCK_D"]
+    elif a["KH"] * a["KW"] <= 32:  # flattened (tap, channel) reduction, partial last chunk peeled
+        iterations = a["KH"] * a["KW"] * a["C_CONST"] // a["BLOCK_D"]
+    else:
+        iterations = a["KH"] * a["KW"] * triton.cdiv(a["C_CONST"], a["BLOCK_D"])
+    if rec.get("main_loop") is None:  # a reduction short enough for the compiler to unroll: all of it runs once
+        iterations = 0
+    loop = rec["main_loop"]["instructions"] if iterations else 0
+    once = rec["sass_instructions"] - loop
+    per_tile = rec["config"]["num_warps"] * (iterations * loop + once)
+    tiles = n * triton.cdiv(a["HO"] * a["WO"], a["BLOCK_M"]) if a["ROWS"] else triton.cdiv(a["M"], a["BLOCK_M"])
+    total = tiles * per_tile
+    x_elems = n * c * h * w
+    issue_s = total / H200_WARP_ISSUE_PER_S
+    read_s = x_elems * torch.finfo(dtype).bits / 8 / H200_COPY_BYTES_PER_S
+    return {"estimate": True, "iterations_per_tile": iterations, "loop_instructions": loop,
+            "once_instructions": once, "warp_instr_per_tile": per_tile, "tiles": tiles,
+            "warp_instr_per_input_element": round(total / x_elems, 3),
+            "warp_instr_per_patch_element": round(total / (a["M"] * c * k * k), 4),
+            "loop_share": round(iterations * loop / per_tile * rec["config"]["num_warps"], 3),
+            "issue_us": round(issue_s * 1e6, 2), "read_x_us": round(read_s * 1e6, 2),
+            "issue_over_read": round(issue_s / read_s, 2)}
+
+
+def _issue_model_summary(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (shape, variant, dtype, target): the best and worst config's issue/read ratio (autotuning picks one)."""
+    by = defaultdict(list)
+    for r in ok:
+        r["issue_model"] = hash_issue_model(r)
+        if r["issue_model"]:
+            by[f"{r['variant']} {r['dtype']} sm{r['target']}"].append((r["issue_model"]["issue_over_read"], r))
+    out = {}
+    for key, vals in sorted(by.items()):
+        vals.sort(key=lambda v: v[0])
+        out[key] = {"best": vals[0][0], "best_config": _cfg_str(vals[0][1]), "worst": vals[-1][0],
+                    "best_warp_instr_per_input_element":
+                        vals[0][1]["issue_model"]["warp_instr_per_input_element"]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -588,7 +701,40 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "loop_ratio_min_median_max": ([ratios[0], ratios[len(ratios) // 2], ratios[-1]] if ratios else None),
             "compile_s_total": round(sum(r["compile_s"] for r in rs), 1),
         }
+        if kernel == "hash_histogram":
+            out[kernel]["issue_model_estimate"] = _issue_model_summary(ok)
     return out
+
+
+def _vector_channels(case: dict[str, Any]) -> bool:
+    """Whether the reduction's contiguous axis can load as 16-byte vectors: a channel count that is a multiple of 8
+    (AlexNet's conv1 reads 3 channels: its rows are 6 bytes, scalar loads by construction)."""
+    shape = case.get("shape")
+    return shape not in CONV_SHAPES or CONV_SHAPES[shape][1] % 8 == 0
+
+
+def gate(records: list[dict[str, Any]]) -> list[str]:
+    """The static targets of issue #12 that ``--check`` enforces (CI runs ``--plan ci --check``), one line per
+    violation: a compile error; a spilling config (an autotune list must hold none); a kernel compiled without
+    tensor-core instructions; 2-byte scalar loads (``LDG.E.U16``) in the main loop of a half-precision compile
+    whose channel count allows vectors (fp32 with IEEE products runs on FMA units by definition). The loop-length
+    ratio to the dense GEMM is reported, not enforced."""
+    problems = []
+    for r in records:
+        name = f"{r['kernel']} [{r['variant']}] {r['dtype']} sm_{r['target']} {_cfg_str(r)}"
+        if not r.get("ok"):
+            problems.append(f"{name}: compile error: {r.get('error')}")
+            continue
+        if r["kernel"] == "dense_gemm":
+            continue
+        if r["spill_bytes"]:
+            problems.append(f"{name}: spills {r['spill_bytes']} B (stack + local)")
+        if not r["mma"] and r["dtype"] != "fp32":  # IEEE fp32 products have no tensor-core instruction
+            problems.append(f"{name}: no tensor-core instruction (HMMA / HGMMA)")
+        ml = r.get("main_loop") or {}
+        if r["dtype"] in ("fp16", "bf16") and _vector_channels(r["case"]) and ml.get("ldg_bits", {}).get("16"):
+            problems.append(f"{name}: {ml['ldg_bits']['16']} 2-byte scalar loads in the main loop")
+    return problems
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -599,6 +745,9 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"{ratio:<24}  {s['mma_kinds']}")
         for e in s["errors"]:
             print(f"    error: {e}")
+        for key, m in s.get("issue_model_estimate", {}).items():
+            print(f"    issue/read-x ESTIMATE (H200, hash_issue_model) {key}: best {m['best']} ({m['best_config']}, "
+                  f"{m['best_warp_instr_per_input_element']} warp-instr per input element), worst {m['worst']}")
 
 
 def tool_versions() -> dict[str, str]:
@@ -613,12 +762,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="80,90", help="comma-separated compute capabilities")
     parser.add_argument("--out", default=None, help="JSON output (default: none for ci, bench/results/aot.json)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dtypes", default=None, help="comma-separated subset of " + ",".join(DTYPES))
     parser.add_argument("--kernels", default=None, help="comma-separated subset of " + ",".join(KERNELS))
     parser.add_argument("--quiet", action="store_true", help="print the summary only, not the per-compile table")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on any violation of the static targets (see gate()): compile errors, spills, "
+                             "no tensor cores, 2-byte scalar main-loop loads")
     ns = parser.parse_args(argv)
     targets = [int(t) for t in ns.targets.split(",")]
     t_start = time.perf_counter()
-    jobs, prune_notes = build_plan(ns.plan, targets)
+    jobs, prune_notes = build_plan(ns.plan, targets, tuple(ns.dtypes.split(",")) if ns.dtypes else None)
     if ns.kernels:
         keep = set(ns.kernels.split(","))
         used = {_dense_key(j) for j in jobs if j["kernel"] in keep}
@@ -640,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records)
     print_summary(summary)
     print(f"\n{len(records)} compiles, {sum(not r['ok'] for r in records)} failures, {wall:.0f} s wall")
+    problems = gate(records)
+    print(f"static targets: {len(problems)} violation(s)" + "".join(f"\n  {p}" for p in problems))
     out = ns.out or (None if ns.plan == "ci" else str(REPO_ROOT / "bench" / "results" / "aot.json"))
     if out:
         sys.path.insert(0, str(REPO_ROOT))
@@ -650,11 +805,11 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"environment": environment(), **tool_versions(), "plan": ns.plan, "targets": targets,
                "kernels": ns.kernels or "all", "workers": ns.workers, "wall_s": round(wall, 1),
                "prune": prune_notes, "main_loop_method": sass_stats.__doc__.split("\n\n")[1].strip(),
-               "summary": summary, "records": records}
+               "summary": summary, "violations": problems, "records": records}
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
         print(f"wrote {out}")
-    return 0
+    return 1 if ns.check and problems else 0
 
 
 if __name__ == "__main__":

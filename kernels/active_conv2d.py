@@ -36,37 +36,58 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, dot_precision, next_pow2
+from ._common import (
+    activations_channels_last,
+    autotune_configs,
+    channels_inner,
+    conv_out_hw,
+    dot_precision,
+    empty_like_format,
+    is_channels_last,
+    take_channels,
+)
+from ._gemm import clamp_blocks, config_factory, dot_configs, inside, load_index, next_step, store_tile, valid_count
 
 # ----------------------------------------------------------------------------------------------------------------
 # Autotune lists. Tiles follow the usual Hopper GEMM shapes (128x128x32 / 8 warps for large GEMMs, narrower N for
 # the small active sets at fraction 0.25 of 64-channel layers); each launch prunes BLOCK_N / BLOCK_K down to the
-# active set so that a 3-channel input does not pay for 64-wide K tiles. Not yet measured on a GPU (no device was
-# lent to the session that wrote them). Compiled for sm_90, the gathered tile loads stay synchronous (their addresses
-# have no provable contiguity, so no cp.async multi-buffering: 8-66 KiB of shared memory per config), which makes
-# num_stages a minor knob here; occupancy hides the load latency.
+# active set so that a 3-channel input does not pay for 64-wide K tiles. Compiled for sm_80 / sm_90 (bench.aot), the
+# operand tiles arrive by 16-byte cp.async (LDGSTS), multi-buffered over num_stages, whenever the channel count is a
+# multiple of 8. Not yet timed on a GPU (none was lent to the sessions that wrote them): the lists are untuned.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, bk, warps, stages, split=None, pre_hook=None):
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    if split is not None:
-        kwargs["SPLIT_K"] = split
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
-
-
-_GEMM_TILES = [
-    (128, 128, 32, 8, 3),
-    (128, 128, 64, 8, 3),
-    (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 32, 4, 4),
-    (128, 32, 32, 4, 4),
-    (256, 64, 32, 8, 3),
-    (64, 32, 64, 4, 3),
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fits fp32 with IEEE products). Every config compiles without spills for
+# sm_80 and sm_90 in the dtypes it serves (bench.aot, full plan); IEEE fp32 runs tl.dot on FMA units with both
+# operands and the accumulator in registers, so it gets the smaller tiles. Dropped for spilling: 128x64x32 / 4 warps
+# / 4 stages and 256x64x32 / 8 warps (fp16, 72-688 B on sm_90), dX's 128x32x32 / 4 warps (TF32, 8 B on sm_80).
+# Every tile has >= 64 rows, the smallest wgmma (a 32-row dot falls back to mma.sync on sm_90).
+_FWD_TILES = [
+    (128, 128, 32, 8, 3, False),
+    (128, 128, 64, 8, 3, False),
+    (128, 64, 32, 8, 3, True),
+    (128, 64, 64, 8, 3, False),
+    (64, 128, 32, 4, 4, False),
+    (64, 64, 32, 4, 4, True),
+    (128, 32, 32, 4, 4, True),
+    (64, 32, 64, 4, 3, False),
+    (64, 32, 32, 4, 3, False),
+    (64, 32, 16, 4, 3, True),
+]
+_DX_TILES = [
+    (128, 128, 32, 8, 3, False),
+    (128, 128, 64, 8, 3, False),
+    (128, 64, 32, 8, 3, False),
+    (128, 64, 64, 8, 3, False),
+    (64, 128, 32, 4, 4, False),
+    (64, 64, 32, 4, 4, False),
+    (64, 32, 64, 4, 3, False),
+    (64, 32, 32, 4, 3, True),
+    (64, 64, 16, 4, 3, False),
+    (64, 32, 16, 4, 3, True),
 ]
 # The interpreter runs one program at a time in numpy: few large programs are fastest there.
-_INTERP_TILE = (64, 16, 16, 4, 1)
+_INTERP_TILE = (64, 16, 16, 4, 1, True)
 
 
 def _zero_dw_db(nargs):
@@ -78,131 +99,112 @@ def _zero_dw_db(nargs):
 
 
 # dW: (rows x channels) tiles of one tap; split-K over N*H'*W' when there are few tiles (AlexNet conv1: 64 rows x 3
-# channels per tap, 121 taps, reduction 64*55*55 = 193,600 positions).
+# channels per tap, 121 taps, reduction 64*55*55 = 193,600 positions). The last field: fits IEEE fp32, as above.
 _DW_TILES = [
-    (64, 64, 32, 4, 3, 1),
-    (128, 64, 32, 8, 3, 1),
-    (64, 128, 32, 4, 3, 1),
-    (64, 64, 64, 4, 3, 4),
-    (128, 128, 32, 8, 3, 4),
-    (64, 32, 64, 4, 3, 16),
-    (32, 32, 128, 4, 3, 16),
+    (64, 64, 32, 4, 3, 1, True),
+    (128, 64, 32, 8, 3, 1, True),
+    (64, 128, 32, 4, 3, 1, False),
+    (64, 64, 64, 4, 3, 4, False),
+    (128, 128, 32, 8, 3, 4, False),
+    (64, 32, 64, 4, 3, 16, False),
+    (64, 32, 32, 4, 3, 16, True),
 ]
-_INTERP_DW_TILE = (16, 16, 64, 4, 1, 2)  # SPLIT_K=2 so the interpreter tests exercise the atomic split-K path
+_INTERP_DW_TILE = (16, 16, 64, 4, 1, 2, True)  # SPLIT_K=2 so the interpreter tests exercise the atomic split-K path
 
 
-def _clamp_blocks(configs, n_extent, k_extent, n_name="BLOCK_N", k_name="BLOCK_K"):
-    """Shrink BLOCK_N / BLOCK_K to the active extents (>= 16 for tl.dot) and drop the duplicates this creates."""
-    n_cap, k_cap = next_pow2(n_extent), next_pow2(k_extent)
-    seen, out = set(), []
-    for cfg in configs:
-        kw = dict(cfg.kwargs)
-        kw[n_name] = min(kw[n_name], n_cap)
-        kw[k_name] = min(kw[k_name], k_cap)
-        key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages, pre_hook=cfg.pre_hook))
-    return out
+def _configs(tiles, interp, make, skip=frozenset()):
+    """(autotune list, the GPU configs, those of them that fit IEEE fp32: the tiles' last field, less ``skip``)."""
+    configs = [make(*t[:-1]) for t in tiles]
+    fma = [c for c, t in zip(configs, tiles) if t[-1] and t[:-1] not in skip]
+    return autotune_configs(configs, make(*interp[:-1])), configs, fma
+
+
+# IEEE fp32 skips a (tile, warps, stages) in the forward and dX lists alike when either list marks it False: one skip
+# set for both, as the lists were compiled and checked with it (bench.aot, full plan).
+_FWD_DX_NO_FMA = frozenset(t[:-1] for t in _FWD_TILES + _DX_TILES if not t[-1])
+
+
+_tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_dw_tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", pre_hook=_zero_dw_db)
+
+
+def _dw_cfg(bm, bn, bk, warps, stages, split):  # the DW tiles' field order: split after warps and stages
+    return _dw_tile(bm, bn, bk, split, warps, stages)
+
+
+_FWD_CONFIGS, _FWD_GPU, _FWD_FMA = _configs(_FWD_TILES, _INTERP_TILE, _tile, _FWD_DX_NO_FMA)
+_DX_CONFIGS, _DX_GPU, _DX_FMA = _configs(_DX_TILES, _INTERP_TILE, _tile, _FWD_DX_NO_FMA)
+_DW_CONFIGS, _DW_GPU, _DW_FMA = _configs(_DW_TILES, _INTERP_DW_TILE, _dw_cfg)
+
+
+def _for_dtype(configs, args, ptr, gpu, fma):
+    """Drop the configs that spill with IEEE fp32 (FMA) products when this launch has them."""
+    return dot_configs(configs, args, ptr, gpu, fma) or configs
 
 
 def _prune_fwd(configs, nargs, **kwargs):
-    return _clamp_blocks(configs, nargs["N_ACT"], nargs["C_ACT"])
+    a = {**nargs, **kwargs}
+    return clamp_blocks(_for_dtype(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA), a["N_ACT"], a["C_ACT"])
 
 
 def _prune_dx(configs, nargs, **kwargs):
-    return _clamp_blocks(configs, nargs["C_ACT"], nargs["R_ACT"])
+    a = {**nargs, **kwargs}
+    return clamp_blocks(_for_dtype(configs, a, "g_ptr", _DX_GPU, _DX_FMA), a["C_ACT"], a["R_ACT"])
 
 
 def _prune_dw(configs, nargs, **kwargs):
+    a = {**nargs, **kwargs}
     # rows are BLOCK_M here: clamp them as the "N" extent; K (positions) is never small enough to matter.
-    out = _clamp_blocks(configs, nargs["C_ACT"], nargs["R_ACT"], n_name="BLOCK_N", k_name="BLOCK_M")
+    out = clamp_blocks(_for_dtype(configs, a, "g_ptr", _DW_GPU, _DW_FMA), a["C_ACT"], a["R_ACT"], n_name="BLOCK_N",
+                       k_name="BLOCK_M")
     # split-K only where each split still has several K tiles to amortize its atomics over.
-    k_red = nargs["K_RED"]
+    k_red = a["K_RED"]
     kept = [c for c in out if c.kwargs["SPLIT_K"] == 1 or k_red >= 8 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]]
     return kept or out
 
-
-_FWD_CONFIGS = autotune_configs([_cfg(*t) for t in _GEMM_TILES], _cfg(*_INTERP_TILE))
-_DX_CONFIGS = autotune_configs([_cfg(*t) for t in _GEMM_TILES], _cfg(*_INTERP_TILE))
-_DW_CONFIGS = autotune_configs(
-    [_cfg(*t[:5], split=t[5], pre_hook=_zero_dw_db) for t in _DW_TILES],
-    _cfg(*_INTERP_DW_TILE[:5], split=_INTERP_DW_TILE[5], pre_hook=_zero_dw_db),
-)
 
 # autotune key: the conv geometry and the dot precision (TF32 and IEEE fp32 are different kernels)
 _GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "PRECISION"]
 
 
-@triton.jit
-def _load_index(idx_ptr, offs, mask, HAS_INDEX: tl.constexpr):
-    """``idx[offs]`` as int32 (channel numbers are small), or ``offs`` itself when the index set is "all"."""
-    if HAS_INDEX:
-        return tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int32)
-    else:
-        return offs
-
-
-@triton.jit
-def _valid_count(count_ptr, N_TOTAL, HAS_COUNT: tl.constexpr):
-    """How many entries of ``out_idx`` are in use: ``out_count`` clamped to [0, len(out_idx)], else all of them."""
-    if HAS_COUNT:
-        return tl.minimum(tl.maximum(tl.load(count_ptr).to(tl.int32), 0), N_TOTAL)
-    else:
-        return N_TOTAL
-
-
-@triton.jit
-def _load_tile(row_ptrs, col_offs, row_mask, col_mask, ROWS_CONTIGUOUS: tl.constexpr):
-    """The (R, C) tile at ``row_ptrs[:, None] + col_offs[None, :]`` (zero where masked).
-
-    Gathered addresses carry no contiguity Triton can prove, and then its coalescing pass lets the last axis vary
-    fastest across threads. In an NCHW tensor the contiguous axis is the spatial one (the rows here), so such a
-    tile is loaded as its transpose (rows last) and transposed back in registers / shared memory."""
-    if ROWS_CONTIGUOUS:
-        t = tl.load(row_ptrs[None, :] + col_offs[:, None], mask=row_mask[None, :] & col_mask[:, None], other=0.0)
-        return tl.trans(t)
-    else:
-        return tl.load(row_ptrs[:, None] + col_offs[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-
-
-@triton.jit
-def _store_tile(row_ptrs, col_offs, value, row_mask, col_mask, ROWS_CONTIGUOUS: tl.constexpr):
-    """Store the (R, C) ``value`` at ``row_ptrs[:, None] + col_offs[None, :]``; rows fastest when contiguous."""
-    if ROWS_CONTIGUOUS:
-        tl.store(row_ptrs[None, :] + col_offs[:, None], tl.trans(value), mask=row_mask[None, :] & col_mask[:, None])
-    else:
-        tl.store(row_ptrs[:, None] + col_offs[None, :], value, mask=row_mask[:, None] & col_mask[None, :])
+# All three kernels read channels_last (NHWC) activations and weights in the kernel layout (O, kh, kw, C): the
+# reduction axis (channels) is the contiguous one of both operands, so a tile row is BLOCK_K consecutive elements
+# and loads as 16-byte vectors (or cp.async) whenever the channel count is a multiple of 8. Index sets never gather
+# along that axis inside a main loop: the launchers hand over the active input channels of x and W compacted (one
+# copy of the active part, Alg. 6's hand-off is already compact) and the active filters' rows of dy compacted; the
+# gathers left in the kernels pick whole rows of W (out_idx: a row's channels stay contiguous) and scatter results
+# in the epilogues. Spatial work (batch / row / column of each output position) is computed once per tile; per
+# (tap, chunk) step the address moves by a scalar and only the padding mask is recomputed per row.
 
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["M", "N_ACT", "C_ACT", "H", "W", "X_CHANNELS_LAST"] + _GEOMETRY,
+    key=["M", "N_ACT", "C_ACT", "H", "W", "Y_CHANNELS_LAST"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
 def _active_conv2d_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, count_ptr,
     M, N_ACT, C_ACT, H, W, HO, WO,
-    sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
+    sxn, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, COMPACT_IN: tl.constexpr,
-    COMPACT_OUT: tl.constexpr, HAS_COUNT: tl.constexpr, X_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, COMPACT_OUT: tl.constexpr, HAS_COUNT: tl.constexpr,
+    Y_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Alg. 4 (Feeney 2019): ``y[n, A_j, oh, ow] = b[A_j] + sum_{r, t, c} x[n, I_c, oh*s-p+r*d, ow*s-p+t*d] *
-    W[A_j, I_c, r, t]`` for the active filters ``A = out_idx`` and active input channels ``I = in_idx``.
+    """Alg. 4 (Feeney 2019): ``y[n, A_j, oh, ow] = b[A_j] + sum_{r, t, c} x[n, oh*s-p+r*d, ow*s-p+t*d, c] *
+    W[A_j, r, t, c]`` for the active filters ``A = out_idx``, x holding the C_ACT active input channels (NHWC).
 
-    One program: BLOCK_M output positions x BLOCK_N active filters; the reduction walks the kh*kw taps and, per
-    tap, the active input channels in BLOCK_K chunks. X_CHANNELS_LAST: x and y are channels_last (else NCHW)."""
+    One program: BLOCK_M output positions x BLOCK_N active filters; one flat loop over (tap, BLOCK_K channel chunk),
+    so that the loads of step k+1 are in flight (cp.async / TMA-free multi-buffering) while step k multiplies even
+    when a tap has a single chunk."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_ACT, BLOCK_N)
     # filter blocks vary fastest: the programs that run together share the same input tile (read once from HBM)
     pid_n = pid % num_n
     pid_m = pid // num_n
-    n_valid = _valid_count(count_ptr, N_ACT, HAS_COUNT)
+    n_valid = valid_count(count_ptr, N_ACT, HAS_COUNT)
     if HAS_COUNT:
         if pid_n * BLOCK_N >= n_valid:  # rows past out_count: padding of the device-side active set
             return
@@ -215,37 +217,31 @@ def _active_conv2d_fwd_kernel(
     nb = t // HO
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
-    x_rows = x_ptr + nb.to(tl.int64) * sxn  # int64: a batch of large images passes 2**31 elements
+    # int64 batch offset: a batch of large images passes 2**31 elements; ih0 / iw0 may be -PH / -PW (masked)
+    x_pos = x_ptr + nb.to(tl.int64) * sxn + ih0 * sxh + iw0 * sxw
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_valid
-    o_w = _load_index(out_idx_ptr, offs_n, n_mask, HAS_OUT_IDX)
-    w_cols = w_ptr + o_w * swo
+    o_w = load_index(out_idx_ptr, offs_n, n_mask, HAS_OUT_IDX)
+    w_rows = w_ptr + o_w.to(tl.int64) * swo
+    offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # One flat loop over (tap, channel chunk) rather than two nested ones: with a few active channels per tap (32 at
-    # fraction 0.5 of a 64-channel layer) the inner loop would have one iteration and nothing to software-pipeline.
-    # The spatial part (BLOCK_M values) is recomputed per iteration; it is small next to the BLOCK_M x BLOCK_K tile.
     num_cc = tl.cdiv(C_ACT, BLOCK_K)
+    r = 0
+    s = 0
+    c0 = 0
     for kk in range(0, KH * KW * num_cc):
-        tap = kk // num_cc
-        c0 = (kk - tap * num_cc) * BLOCK_K
-        r = tap // KW
-        s = tap % KW
         ih = ih0 + r * DH
         iw = iw0 + s * DW
-        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # zero padding
-        offs_c = c0 + tl.arange(0, BLOCK_K)
-        c_mask = offs_c < C_ACT
-        c_w = _load_index(in_idx_ptr, offs_c, c_mask, HAS_IN_IDX)
-        if COMPACT_IN:  # x holds only the active channels, in in_idx order (Alg. 6 hand-off)
-            c_x = offs_c
-        else:
-            c_x = c_w
-        a = _load_tile(x_rows + ih * sxh + iw * sxw, c_x * sxc, valid, c_mask, not X_CHANNELS_LAST)
-        b = tl.load((w_cols + r * swh + s * sww)[None, :] + (c_w * swc)[:, None],
-                    mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        valid = m_mask & inside(ih, H) & inside(iw, W)  # zero padding
+        k_mask = offs_k < C_ACT - c0
+        a = tl.load((x_pos + (r * DH * sxh + s * DW * sxw + c0))[:, None] + offs_k[None, :],
+                    mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load((w_rows + (r * swh + s * sww + c0))[None, :] + offs_k[:, None],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        r, s, c0 = next_step(r, s, c0, C_ACT, KW, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + o_w, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -254,36 +250,37 @@ def _active_conv2d_fwd_kernel(
     else:
         o_y = o_w  # scatter into the full-size output; the inactive channels were zeroed by the launcher
     y_rows = y_ptr + nb.to(tl.int64) * syn + oh * syh + ow * syw
-    _store_tile(y_rows, o_y * syc, acc.to(y_ptr.dtype.element_ty), m_mask, n_mask, not X_CHANNELS_LAST)
+    store_tile(y_rows, o_y * syc, acc.to(y_ptr.dtype.element_ty), m_mask, n_mask, not Y_CHANNELS_LAST)
 
 
 @triton.autotune(
     configs=_DX_CONFIGS,
-    key=["M", "C_ACT", "R_ACT", "HO", "WO", "X_CHANNELS_LAST", "G_CHANNELS_LAST"] + _GEOMETRY,
+    key=["M", "C_ACT", "R_ACT", "HO", "WO", "DX_CHANNELS_LAST"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_dx},
 )
 @triton.jit
 def _active_conv2d_bwd_dx_kernel(
-    g_ptr, w_ptr, dx_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
+    g_ptr, w_ptr, dx_ptr, in_idx_ptr, count_ptr,
     M, C_ACT, R_ACT, H, W, HO, WO,
-    sgn, sgc, sgh, sgw, swo, swc, swh, sww, sdn, sdc, sdh, sdw,
+    sgn, sgh, sgw, swo, swh, sww, sdn, sdc, sdh, sdw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, COMPACT_IN: tl.constexpr, COMPACT_OUT: tl.constexpr,
-    HAS_COUNT: tl.constexpr, X_CHANNELS_LAST: tl.constexpr, G_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCATTER_IN: tl.constexpr, HAS_COUNT: tl.constexpr, DX_CHANNELS_LAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Alg. 5 (Feeney 2019), ``dI`` through the active filters only: the transposed convolution
 
-    ``dx[n, I_c, ih, iw] = sum_{r, t, j} dy[n, A_j, (ih+p-r*d)/s, (iw+p-t*d)/s] * W[A_j, I_c, r, t]``,
+    ``dx[n, ih, iw, I_c] = sum_{r, t, j} dy[n, (ih+p-r*d)/s, (iw+p-t*d)/s, A_j] * W[A_j, r, t, I_c]``,
 
-    where a term exists only when both quotients are exact and inside the output. One program: BLOCK_M input
-    positions x BLOCK_N active input channels; the reduction walks taps and, per tap, the active filters."""
+    where a term exists only when both quotients are exact and inside the output. dy holds the active filters'
+    channels only (R_ACT of them, NHWC) and W their rows only, in the same order, each with the active input
+    channels (C_ACT, innermost): the launcher compacts both, so no index is read in the loop. One program:
+    BLOCK_M input positions x BLOCK_N active input channels; one flat loop over (tap, BLOCK_K filter chunk)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_ACT, BLOCK_N)
     pid_n = pid % num_n
     pid_m = pid // num_n
-    r_valid = _valid_count(count_ptr, R_ACT, HAS_COUNT)
+    r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -291,71 +288,74 @@ def _active_conv2d_bwd_dx_kernel(
     t = offs_m // W
     ih = t % H
     nb = t // H
-    g_rows = g_ptr + nb.to(tl.int64) * sgn
+    g_img = g_ptr + nb.to(tl.int64) * sgn
+    th0 = ih + PH
+    tw0 = iw + PW
+    g_pos = g_img + th0 * sgh + tw0 * sgw  # stride 1: the dy row of tap (r, s) is a fixed offset from it
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_n < C_ACT
-    c_w = _load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
-    w_cols = w_ptr + c_w * swc
+    w_cols = w_ptr + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # one flat loop over (tap, filter chunk), as in the forward kernel; the padding rows of out_count cost nothing
+    # the padding rows of out_count cost nothing: the loop stops at the count
     num_kc = tl.cdiv(r_valid, BLOCK_K)
+    r = 0
+    s = 0
+    k0 = 0
     for kk in range(0, KH * KW * num_kc):
-        tap = kk // num_kc
-        k0 = (kk - tap * num_kc) * BLOCK_K
-        r = tap // KW
-        s = tap % KW
-        th = ih + PH - r * DH
-        tw = iw + PW - s * DW
-        oh = th // SH
-        ow = tw // SW
-        # th < 0 is masked first, so C-style truncating division of negatives never matters
-        valid = m_mask & (th >= 0) & (tw >= 0) & (oh < HO) & (ow < WO)
-        if SH > 1:
-            valid = valid & ((th % SH) == 0)
-        if SW > 1:
-            valid = valid & ((tw % SW) == 0)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < r_valid
-        o_w = _load_index(out_idx_ptr, offs_k, k_mask, HAS_OUT_IDX)
-        if COMPACT_OUT or not HAS_OUT_IDX:
-            o_g = offs_k
+        th = th0 - r * DH
+        tw = tw0 - s * DW
+        # dy is read up to its allocated R_ACT channels (a multiple of 16 keeps this mask constant over a 16-byte
+        # vector); the filters past out_count are cut by W's mask, along W's rows, which does not split vectors
+        a_mask = offs_k < R_ACT - k0
+        k_mask = offs_k < r_valid - k0
+        if SH * SW == 1:
+            valid = m_mask & inside(th, HO) & inside(tw, WO)
+            g_rows = g_pos - (r * DH * sgh + s * DW * sgw)
         else:
-            o_g = o_w  # dy is full-size: read only the active channels
-        a = _load_tile(g_rows + oh * sgh + ow * sgw, o_g * sgc, valid, k_mask, not G_CHANNELS_LAST)
-        b = tl.load((w_cols + r * swh + s * sww)[None, :] + (o_w * swo)[:, None],
+            oh = th // SH
+            ow = tw // SW
+            # th < 0 is masked first, so C-style truncating division of negatives never matters
+            valid = m_mask & (th >= 0) & (tw >= 0) & (oh < HO) & (ow < WO)
+            if SH > 1:
+                valid = valid & ((th % SH) == 0)
+            if SW > 1:
+                valid = valid & ((tw % SW) == 0)
+            g_rows = g_img + oh * sgh + ow * sgw
+        a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None] & a_mask[None, :], other=0.0)
+        b = tl.load((w_cols + (r * swh + s * sww + k0 * swo))[None, :] + (offs_k * swo)[:, None],
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        r, s, k0 = next_step(r, s, k0, r_valid, KW, BLOCK_K)
 
-    if COMPACT_IN or not HAS_IN_IDX:
-        c_dx = offs_n
-    else:
-        c_dx = c_w  # scatter into the full-size dx; the inactive channels were zeroed by the launcher
+    # scatter into the full-size dx (inactive channels zeroed by the launcher), or write the compact one
+    c_dx = load_index(in_idx_ptr, offs_n, c_mask, SCATTER_IN)
     dx_rows = dx_ptr + nb.to(tl.int64) * sdn + ih * sdh + iw * sdw
-    _store_tile(dx_rows, c_dx * sdc, acc.to(dx_ptr.dtype.element_ty), m_mask, c_mask, not X_CHANNELS_LAST)
+    store_tile(dx_rows, c_dx * sdc, acc.to(dx_ptr.dtype.element_ty), m_mask, c_mask, not DX_CHANNELS_LAST)
 
 
 @triton.autotune(
     configs=_DW_CONFIGS,
-    key=["K_RED", "R_ACT", "C_ACT", "X_CHANNELS_LAST", "G_CHANNELS_LAST"] + _GEOMETRY,
+    key=["K_RED", "R_ACT", "C_ACT"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_dw},
 )
 @triton.jit
 def _active_conv2d_bwd_dw_kernel(
     g_ptr, x_ptr, dw_ptr, db_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
-    K_RED, R_ACT, C_ACT, H, W, HO, WO,
-    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, sdo, sdc, sdh, sdw,
+    K_RED, R_ACT, C_ACT, H, W, HO: tl.constexpr, WO: tl.constexpr,
+    sgn, sgh, sgw, sxn, sxh, sxw, sdo, sdc, sdh, sdw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, COMPACT_IN: tl.constexpr,
-    COMPACT_OUT: tl.constexpr, HAS_COUNT: tl.constexpr, X_CHANNELS_LAST: tl.constexpr, G_CHANNELS_LAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Alg. 5 (Feeney 2019), the update of the active rows only:
 
-    ``dW[A_j, I_c, r, t] = sum_{n, oh, ow} dy[n, A_j, oh, ow] * x[n, I_c, oh*s-p+r*d, ow*s-p+t*d]`` and
-    ``db[A_j] = sum_{n, oh, ow} dy[n, A_j, oh, ow]``.
+    ``dW[A_j, I_c, r, t] = sum_{n, oh, ow} dy[n, oh, ow, A_j] * x[n, oh*s-p+r*d, ow*s-p+t*d, I_c]`` and
+    ``db[A_j] = sum_{n, oh, ow} dy[n, oh, ow, A_j]``, with dy compacted to the R_ACT active filters and x to the
+    C_ACT active channels (both NHWC).
 
     One program: BLOCK_M active filters x BLOCK_N active input channels of one tap, over a 1/SPLIT_K slice of the
     N*H'*W' reduction; slices meet through fp32 atomics in the fp32 buffers ``dw_ptr`` (full (O, C, kh, kw)
@@ -370,58 +370,54 @@ def _active_conv2d_bwd_dw_kernel(
     cb = pid_tc % num_cb
     r = tap // KW
     s = tap % KW
-    r_valid = _valid_count(count_ptr, R_ACT, HAS_COUNT)
+    r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
     if HAS_COUNT:
         if pid_m * BLOCK_M >= r_valid:
             return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < r_valid
-    o_w = _load_index(out_idx_ptr, offs_m, m_mask, HAS_OUT_IDX)
-    if COMPACT_OUT or not HAS_OUT_IDX:
-        o_g = offs_m
-    else:
-        o_g = o_w
-    g_rows = g_ptr + o_g * sgc
-
+    m_mask = offs_m < r_valid  # rows stored
+    m_read = offs_m < R_ACT  # rows read: dy's allocated channels (the padding rows of out_count are never stored)
     offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_n < C_ACT
-    c_w = _load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
-    if COMPACT_IN:
-        c_x = offs_n
-    else:
-        c_x = c_w
-    x_cols = x_ptr + c_x * sxc
 
     k_per_split = tl.cdiv(tl.cdiv(K_RED, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K_RED)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # db on the tensor cores: dy^T times a (BLOCK_K, 16) tile whose first column is ones and the rest zeros, so that
+    # summing a row of the result afterwards adds exact zeros. A tl.sum of the dy tile in the loop cost ~100
+    # shuffle / add instructions per step (sm_90 SASS, 64x64x32 / 8 warps: a 4.5x longer loop than a dense GEMM's).
+    first_col = (tl.arange(0, BLOCK_K)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
+    ones = first_col.to(g_ptr.dtype.element_ty)
+    db_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
         ow = offs_k % WO
         t = offs_k // WO
         oh = t % HO
-        nb = t // HO
-        nb64 = nb.to(tl.int64)
-        # dy tile (filters x positions): positions are the contiguous axis of an NCHW dy, filters of an NHWC one
-        a = tl.trans(_load_tile(nb64 * sgn + oh * sgh + ow * sgw, g_rows, k_mask, m_mask, not G_CHANNELS_LAST))
+        nb64 = (t // HO).to(tl.int64)
+        # dy^T tile (filters x positions), loaded position-major: the filters are dy's contiguous axis
+        a = tl.trans(tl.load((g_ptr + nb64 * sgn + oh * sgh + ow * sgw)[:, None] + offs_m[None, :],
+                             mask=k_mask[:, None] & m_read[None, :], other=0.0))
         ih = oh * SH - PH + r * DH
         iw = ow * SW - PW + s * DW
-        xv = k_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = _load_tile(nb64 * sxn + ih * sxh + iw * sxw, x_cols, xv, c_mask, not X_CHANNELS_LAST)
+        xv = k_mask & inside(ih, H) & inside(iw, W)
+        b = tl.load((x_ptr + nb64 * sxn + ih * sxh + iw * sxw)[:, None] + offs_n[None, :],
+                    mask=xv[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             if pid_tc == 0:  # db once per row block: only the programs of tap 0 / channel block 0 sum dy
-                db_acc += tl.sum(a.to(tl.float32), axis=1)
+                db_acc = tl.dot(a, ones, db_acc, input_precision=PRECISION)
 
+    o_w = load_index(out_idx_ptr, offs_m, m_mask, HAS_OUT_IDX)
+    c_w = load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
     dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (c_w * sdc)[None, :] + r * sdh + s * sdw
     tl.atomic_add(dw_ptrs, acc, mask=m_mask[:, None] & c_mask[None, :])
     if HAS_BIAS:
         if pid_tc == 0:
-            tl.atomic_add(db_ptr + o_w, db_acc, mask=m_mask)
+            tl.atomic_add(db_ptr + o_w, tl.sum(db_acc, axis=1), mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,22 +425,9 @@ def _active_conv2d_bwd_dw_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _out_hw(x, weight, stride, padding, dilation):
-    kh, kw = weight.shape[-2:]
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return h, w
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _new(shape, like: torch.Tensor, zero: bool, dtype=None) -> torch.Tensor:
-    """A fresh tensor in ``like``'s memory format (the output of a channels_last input is channels_last)."""
-    fmt = torch.channels_last if _channels_last(like) else torch.contiguous_format
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
-    return out.zero_() if zero else out
+def _int32(idx: torch.Tensor | None) -> torch.Tensor | None:
+    # channel / filter numbers are < 2**31; int32 indices halve the index loads and the address arithmetic
+    return None if idx is None else idx.to(torch.int32)
 
 
 def _check_count(name, out_idx, out_count, compact_output, device):
@@ -497,13 +480,13 @@ def active_conv2d_forward(
     count = _check_count(name, out_idx, out_count, compact_output, x.device)
     n = x.shape[0]
     o, c = weight.shape[:2]
-    ho, wo = _out_hw(x, weight, stride, padding, dilation)
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], *weight.shape[-2:], stride, padding, dilation)
     n_act = o if out_idx is None else out_idx.numel()
     c_act = c if in_idx is None else in_idx.numel()
     o_y = n_act if compact_output else o
     # inactive channels (and the padding rows of out_count) are never written by the kernel: they start at zero
     scatter = out_idx is not None and not compact_output and (count is not None or n_act != o)
-    y = _new((n, o_y, ho, wo), x, zero=scatter)
+    y = empty_like_format(x, (n, o_y, ho, wo), zero=scatter)
     if n == 0 or n_act == 0 or ho * wo == 0:
         return y.zero_()
     if c_act == 0:  # no active input channel: only the bias of the active rows remains
@@ -520,18 +503,22 @@ def active_conv2d_forward(
         return y
 
     m = n * ho * wo
-    dummy = weight
+    # kernel operands: NHWC x holding only the active input channels (in in_idx order), W as (O, kh, kw, C_act)
+    xk = activations_channels_last(x)
+    if in_idx is not None and not compact_input:
+        xk = take_channels(xk, in_idx)
+    wk = channels_inner(weight) if in_idx is None else take_channels(weight, in_idx)
+    idx = _int32(out_idx)
+    dummy = wk
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_act, meta["BLOCK_N"]),)  # noqa: E731
     _active_conv2d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else dummy, y,
-        out_idx if out_idx is not None else dummy, in_idx if in_idx is not None else dummy,
+        xk, wk, bias if bias is not None else dummy, y, idx if idx is not None else dummy,
         count if count is not None else dummy,
         m, n_act, c_act, x.shape[2], x.shape[3], ho, wo,
-        *x.stride(), *weight.stride(), *y.stride(),
+        xk.stride(0), xk.stride(2), xk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *y.stride(),
         **_geometry(weight, stride, padding, dilation),
-        HAS_BIAS=bias is not None, HAS_OUT_IDX=out_idx is not None, HAS_IN_IDX=in_idx is not None,
-        COMPACT_IN=bool(compact_input) and in_idx is not None, COMPACT_OUT=bool(compact_output),
-        HAS_COUNT=count is not None, X_CHANNELS_LAST=_channels_last(x), PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, HAS_OUT_IDX=idx is not None, COMPACT_OUT=bool(compact_output),
+        HAS_COUNT=count is not None, Y_CHANNELS_LAST=is_channels_last(y), PRECISION=dot_precision(x.dtype),
     )
     return y
 
@@ -564,28 +551,40 @@ def active_conv2d_backward(
     n_act = o if out_idx is None else out_idx.numel()
     c_act = c if in_idx is None else in_idx.numel()
     empty = n == 0 or n_act == 0 or c_act == 0 or ho * wo == 0
+    geometry = _geometry(weight, stride, padding, dilation)
+    prec = dot_precision(x.dtype)
+    o_idx, i_idx = _int32(out_idx), _int32(in_idx)
     dummy = weight
-    flags = dict(
-        HAS_OUT_IDX=out_idx is not None, HAS_IN_IDX=in_idx is not None,
-        COMPACT_IN=bool(compact_input) and in_idx is not None, COMPACT_OUT=bool(compact_output),
-        HAS_COUNT=count is not None, X_CHANNELS_LAST=_channels_last(x), G_CHANNELS_LAST=_channels_last(grad_y),
-        PRECISION=dot_precision(x.dtype), **_geometry(weight, stride, padding, dilation),
-    )
-    idx_args = (out_idx if out_idx is not None else dummy, in_idx if in_idx is not None else dummy,
-                count if count is not None else dummy)
+    count_arg = count if count is not None else dummy
     dx = dw = db = None
+    if not empty and (need_x or need_w):
+        # dy in NHWC holding only the active filters' channels (in out_idx order): both GEMMs then read it with
+        # vector loads; the padding rows of out_count repeat active indices and are never read past the count
+        gk = activations_channels_last(grad_y)
+        if out_idx is not None and not compact_output:
+            gk = take_channels(gk, out_idx)
 
     if need_x:
         scatter = in_idx is not None and not compact_input
-        dx = _new(x.shape, x, zero=scatter or empty)
+        dx = empty_like_format(x, x.shape, zero=scatter or empty)
         if not empty:
+            # W's active rows (in out_idx order, padding rows of out_count included) with the active channels:
+            # n_act * c_act * kh * kw elements, small next to the GEMM, and the loop then reads no index
+            w_rows = weight if out_idx is None else weight.index_select(0, out_idx)
+            if in_idx is not None:
+                wk = take_channels(w_rows, in_idx)
+            elif out_idx is not None:
+                wk = w_rows.contiguous(memory_format=torch.channels_last)
+            else:
+                wk = channels_inner(weight)
             m = n * x.shape[2] * x.shape[3]
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_act, meta["BLOCK_N"]),)  # noqa: E731
             _active_conv2d_bwd_dx_kernel[grid](
-                grad_y, weight, dx, *idx_args,
+                gk, wk, dx, i_idx if scatter else dummy, count_arg,
                 m, c_act, n_act, x.shape[2], x.shape[3], ho, wo,
-                *grad_y.stride(), *weight.stride(), *dx.stride(),
-                **flags,
+                gk.stride(0), gk.stride(2), gk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(),
+                **geometry, SCATTER_IN=scatter, HAS_COUNT=count is not None,
+                DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec,
             )
 
     fused_db = False
@@ -602,11 +601,15 @@ def active_conv2d_backward(
                 tiles = triton.cdiv(n_act, meta["BLOCK_M"]) * kh * kw * triton.cdiv(c_act, meta["BLOCK_N"])
                 return (tiles, meta["SPLIT_K"])
 
+            xk = activations_channels_last(x)
+            if in_idx is not None and not compact_input:
+                xk = take_channels(xk, in_idx)
             _active_conv2d_bwd_dw_kernel[grid](
-                grad_y, x, dw32, db32, *idx_args,
-                k_red, n_act, c_act, x.shape[2], x.shape[3], ho, wo,
-                *grad_y.stride(), *x.stride(), *dw32.stride(),
-                HAS_BIAS=need_b, **flags,
+                gk, xk, dw32, db32, o_idx if o_idx is not None else dummy, i_idx if i_idx is not None else dummy,
+                count_arg, k_red, n_act, c_act, x.shape[2], x.shape[3], ho, wo,
+                gk.stride(0), gk.stride(2), gk.stride(3), xk.stride(0), xk.stride(2), xk.stride(3), *dw32.stride(),
+                HAS_BIAS=need_b, HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
+                HAS_COUNT=count is not None, PRECISION=prec, **geometry,
             )
             if need_b:
                 db, fused_db = db32.to(weight.dtype), True

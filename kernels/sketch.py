@@ -17,6 +17,20 @@ Backward (sec. 3.1, for the factors as a whole; ``G`` = dL/dy restricted to the 
 The full weight ``B A`` (O x K) is never formed. SK-FC is the same chain with ``kh = kw = H = W = 1``: the linear
 launchers view ``x`` (M, in) as (M, in, 1, 1) and run the conv kernels.
 
+Layouts (issue #12): the kernels' native layout puts the reduction axis innermost, so that every operand of the
+main loops arrives as 16-byte vectors / cp.async (or TMA-free wgmma operands from shared memory on sm_90):
+
+- activations x, grad_y and z as dense NHWC (position-major rows of C / O / r channels): the launchers take them as
+  they are when channels_last and convert an NCHW tensor once (``activations_channels_last``);
+- A in the kernel layout (r, kh, kw, C) (``channels_inner``: a copy cached per weight version), B (O, r) row-major;
+- outputs in the op contract's memory format (y, z, dx follow x): their stores are in the epilogues, through strides;
+- out_idx as int32 in the forward (y's channels gathered in the epilogue, B's rows as vectors); in the backward
+  G's active columns are compacted once, so dZ and dB run the same dense loops with or without it.
+
+Reductions over the im2col axis run tap-major wherever the channels fill a tile: an outer loop over the kh kw taps
+computes the row pointers and padding masks once per tap, the inner loop over channel (or r) chunks only advances
+pointers, as a dense GEMM's K loop does. With few channels (AlexNet conv1, C = 3) K is flattened and gathered.
+
 Kernels (STYLE practice 1: ``_<op>_fwd_kernel`` -> launchers ``<op>_forward`` / ``<op>_backward``):
 
 - ``_sketch_conv2d_fwd_kernel``: one program per tile of ``BLOCK_M`` output positions reads its im2col rows of x
@@ -31,9 +45,11 @@ Kernels (STYLE practice 1: ``_<op>_fwd_kernel`` -> launchers ``<op>_forward`` / 
   parallelism and is chosen only when the position tiles alone cannot fill the GPU.
 - ``_sketch_conv2d_bwd_dz_kernel``: dZ = G B_act, one read of G (per r tile; one tile when r <= 128).
 - ``_sketch_conv2d_bwd_db_kernel``: dB and db in one pass over G (db is the row sum of the G^T tile the dB GEMM
-  loads anyway). G is thus read twice in the backward: dZ reduces over O and dB over M, and fusing both into one
-  pass would need an atomic add of an O x r tile per position tile (about 10^8 atomics on a VGG layer).
-- ``_sketch_conv2d_bwd_da_kernel``: dA, the only backward kernel that reads x (once).
+  loads anyway, taken by a second, 16-column dot on the tensor cores; with TF32 products torch sums db instead).
+  G is thus read twice in the backward: dZ reduces over O and dB over M, and fusing both into one pass would need
+  an atomic add of an O x r tile per position tile (about 10^8 atomics on a VGG layer).
+- ``_sketch_conv2d_bwd_da_kernel``: dA, the only backward kernel that reads x (once); the im2col row of each
+  (tap, position) comes from an int32 table built once per geometry (``_tap_rows``), not from divisions.
 - ``_sketch_conv2d_bwd_dx_kernel``: dX as an implicit GEMM over the input positions (gather form of the transposed
   conv: no atomics). With stride s only 1/s^2 of the taps hit an output position; those taps are masked, not skipped.
 
@@ -54,7 +70,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, dot_precision, interpreting, next_pow2
+from ._common import (
+    activations_channels_last,
+    autotune_configs,
+    channels_inner,
+    conv_out_hw,
+    dot_precision,
+    empty_like_format,
+    interpreting,
+    next_pow2,
+)
+from ._gemm import config_factory, four_byte, fp32_fma, positions, prune_by_dot
 
 # Largest r tile kept in registers. 128 fp32 columns x BLOCK_M 128 is the size of a standard GEMM accumulator; r in
 # {d/16, d/8, d/4} of the VGG / AlexNet layers (<= 128) then needs one chunk. Under the interpreter the tile is 16
@@ -85,119 +111,113 @@ def _split(work_tiles: int, reduction: int, chunk: int, device: torch.device) ->
 
 
 def _tap_major(c: int) -> bool:
-    """K tiles run over (tap, channel chunk) when the channels fill a tile: the x tile is then a position vector plus
-    a channel vector (cheap addresses, coalesced in either layout). With few channels (AlexNet conv1: C = 3) a
-    tap-major tile would be 13/16 padding, so K is flattened as in A.flatten(1) and gathered element-wise."""
+    """K runs tap-major (outer loop over the kh*kw taps, inner loop over channel chunks) when the channels fill a
+    tile: the x tile is then a row-pointer vector plus a contiguous channel vector (16-byte loads in NHWC). With few
+    channels (AlexNet conv1: C = 3) a tap-major tile would be 13/16 padding, so K = (tap, c) is flattened as in the
+    kernel layout (r, kh, kw, C) and gathered element-wise."""
     return c % 16 == 0 or c >= 64
+
+
+# Element offsets are int32 inside the kernels (row index * C, tap * C, ...): enough for every activation below 2^31
+# elements (a batch of 64 224x224x64 maps is 2^27.6), and half the address instructions of int64.
+_MAX_NUMEL = 2**31 - 1
+
+
+def _check_numel(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.numel() > _MAX_NUMEL:
+            raise ValueError(f"tritonslide.kernels.sketch: tensors over 2^31 elements are not supported ({t.shape})")
+
+
+def _dense_nhwc_strides(c: int, h: int, w: int) -> tuple[int, int, int]:
+    """(n, h, w) strides of a dense NHWC tensor: what ``activations_channels_last`` returns, whatever strides PyTorch
+    reports for its size-1 dimensions."""
+    return h * w * c, w * c, c
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
 @triton.jit
-def _k_index(t, C, KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr, TAP_MAJOR: tl.constexpr):
-    """K tile ``t`` -> (channels, tap row i, tap col j, column offsets into A.flatten(1), mask)."""
-    if TAP_MAJOR:
-        ct = tl.cdiv(C, BLOCK_K)
-        tap = t // ct
-        c = (t - tap * ct) * BLOCK_K + tl.arange(0, BLOCK_K)
-        i = tap // KW
-        j = tap - i * KW
-        koff = c * (KH * KW) + tap
-        kmask = c < C
-    else:
-        k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        c = k // (KH * KW)
-        i = (k // KW) % KH
-        j = k % KW
-        koff = k
-        kmask = k < C * KH * KW
-    return c, i, j, koff, kmask
-
-
-@triton.jit
-def _num_k_tiles(C, KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr, TAP_MAJOR: tl.constexpr):
-    if TAP_MAJOR:
-        n = KH * KW * tl.cdiv(C, BLOCK_K)
-    else:
-        n = tl.cdiv(C * KH * KW, BLOCK_K)
-    return n
-
-
-@triton.jit
-def _im2col_load(x_ptr, x_base, ih0, iw0, m_mask, c, i, j, kmask, H, W, sxc, sxh, sxw, dh, dw,
-                 TAP_MAJOR: tl.constexpr):
-    """The (BLOCK_M x BLOCK_K) tile of the im2col matrix: x[n, c, ih0 + i dh, iw0 + j dw], zero outside x."""
-    if TAP_MAJOR:  # i, j scalars: the position part of the address is a vector
-        ih = ih0 + i * dh
-        iw = iw0 + j * dw
-        ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        ptrs = x_ptr + (x_base + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :]
-        mask = ok[:, None] & kmask[None, :]
-    else:
-        ih = ih0[:, None] + (i * dh)[None, :]
-        iw = iw0[:, None] + (j * dw)[None, :]
-        mask = m_mask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        ptrs = x_ptr + x_base[:, None] + (c * sxc)[None, :] + ih * sxh + iw * sxw
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _z_chunk(x_ptr, a_ptr, x_base, ih0, iw0, m_mask, r0, C, H, W, R, sxc, sxh, sxw, dh, dw,
+def _z_chunk(x_ptr, a_ptr, x_row, ih0, iw0, m_mask, r0, C, H, W, R, sxh, sxw, dh, dw,
              KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """z[m, r0:r0+BLOCK_R] = sum_k I_in[m, k] A[r, k] for the program's positions, in fp32."""
+    """z[m, r0:r0+BLOCK_R] = sum_k I_in[m, k] A[r, k] for the program's positions, in fp32.
+
+    x is dense NHWC (``x_row`` = n * H W C), A is (r, kh, kw, C) (``k = tap C + c``). Tap-major: per tap the row
+    pointers and the padding mask are computed once; the inner loop over channel chunks only advances both pointers
+    by BLOCK_K along contiguous channels, as a dense GEMM's K loop does (16-byte / cp.async loads)."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    kk = C * KH * KW
+    offs_k = tl.arange(0, BLOCK_K)
+    kk = KH * KW * C
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    num_k = _num_k_tiles(C, KH, KW, BLOCK_K, TAP_MAJOR)
-    for t in range(0, num_k):
-        c, i, j, koff, kmask = _k_index(t, C, KH, KW, BLOCK_K, TAP_MAJOR)
-        xt = _im2col_load(x_ptr, x_base, ih0, iw0, m_mask, c, i, j, kmask, H, W, sxc, sxh, sxw, dh, dw, TAP_MAJOR)
-        at = tl.load(a_ptr + offs_r[None, :] * kk + koff[:, None], mask=kmask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+    if TAP_MAJOR:
+        for tap in range(0, KH * KW):
+            i = tap // KW
+            j = tap - i * KW
+            ih = ih0 + i * dh
+            iw = iw0 + j * dw
+            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_ptrs = x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + offs_k[None, :]
+            a_ptrs = a_ptr + (offs_r * kk + tap * C)[None, :] + offs_k[:, None]
+            for c0 in range(0, C, BLOCK_K):
+                cm = offs_k < C - c0
+                xt = tl.load(x_ptrs, mask=ok[:, None] & cm[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=cm[:, None] & r_mask[None, :], other=0.0)
+                acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+                x_ptrs += BLOCK_K
+                a_ptrs += BLOCK_K
+    else:
+        for k0 in range(0, kk, BLOCK_K):
+            k = k0 + offs_k
+            tap = k // C
+            c = k - tap * C
+            i = tap // KW
+            j = tap - i * KW
+            ih = ih0[:, None] + (i * dh)[None, :]
+            iw = iw0[:, None] + (j * dw)[None, :]
+            km = k < kk
+            mask = m_mask[:, None] & km[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load(x_ptr + x_row[:, None] + ih * sxh + iw * sxw + c[None, :], mask=mask, other=0.0)
+            at = tl.load(a_ptr + (offs_r * kk)[None, :] + k[:, None], mask=km[:, None] & r_mask[None, :], other=0.0)
+            acc = tl.dot(xt, at, acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _positions(offs_m, OH, OW):
-    """Output position m -> (n as int64, oh, ow); n in int64 so that n * stride_n cannot overflow."""
-    n = offs_m // (OH * OW)
-    rem = offs_m - n * (OH * OW)
-    oh = rem // OW
-    ow = rem - oh * OW
-    return n.to(tl.int64), oh, ow
 
 
 # ---------------------------------------------------------------------------------------------------- forward
 
 
-def _fwd_cfg(bm, bk, bo, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_O": bo}, num_warps=warps, num_stages=stages)
+_fwd_cfg = config_factory("BLOCK_M", "BLOCK_K", "BLOCK_O")
+# Tensor-core tiles: BLOCK_M >= 64 (one wgmma per 4-warp group on sm_90; the 32-row tiles fell back to mma.sync);
+# BLOCK_K 64: a K step of z then issues as many MMAs as a y step (K = BLOCK_R = 64 for the plan's r), and the y loop
+# (an epilogue: B tile, bias, store) runs O / BLOCK_O times per tile against the z loop's kh kw C / BLOCK_K.
+# FMA tiles (fp32 IEEE): K 16/32 with 8 warps, the largest dense FMA GEMM tiles that compile without spills in
+# bench.aot (64x64x32 w8: 114 registers).
+_FWD_TC = [_fwd_cfg(128, 64, 64, 8, 3), _fwd_cfg(128, 64, 32, 4, 3), _fwd_cfg(64, 64, 64, 4, 3),
+           _fwd_cfg(64, 64, 32, 4, 4)]
+_FWD_FMA = [_fwd_cfg(64, 16, 32, 8, 3), _fwd_cfg(32, 32, 32, 4, 3), _fwd_cfg(32, 16, 32, 4, 3)]
+_FWD_CONFIGS = autotune_configs(_FWD_TC + _FWD_FMA, _fwd_cfg(32, 16, 16, 4, 1))
 
 
-# Standard implicit-GEMM tiles; 8 warps for BLOCK_M 128, where the z tile (up to 128 x 128 fp32) and the y tile are
-# live together. Not yet measured on a GPU (no device lent to the session that wrote this): autotune chooses.
-_FWD_CONFIGS = autotune_configs(
-    [
-        _fwd_cfg(128, 32, 64, 8, 3),
-        _fwd_cfg(128, 64, 64, 8, 3),
-        _fwd_cfg(64, 32, 64, 4, 3),
-        _fwd_cfg(64, 64, 128, 4, 3),
-        _fwd_cfg(64, 64, 64, 4, 4),
-        _fwd_cfg(32, 64, 64, 4, 3),
-    ],
-    _fwd_cfg(32, 16, 16, 4, 1),
-)
+def _fwd_limits(cfg, args):
+    kw = cfg.kwargs
+    if kw["BLOCK_M"] == 128 and cfg.num_warps == 4 and (
+            four_byte(args, "x_ptr") or not args["SINGLE_R"] or not args["TAP_MAJOR"]):
+        # 128 rows on 4 warps fit only the lean path: with TF32 operands (300 B), the r loop (88 B, fc6 r = 256) or
+        # the flattened-K gathers (840 B, AlexNet conv1) they spill (bench.aot, sm_80 / sm_90)
+        return False
+    return kw["BLOCK_K"] <= max(32, next_pow2(args["C"])) if args["TAP_MAJOR"] else True
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R"])
+@triton.autotune(configs=_FWD_CONFIGS,
+                 key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_by_dot(_FWD_TC, _FWD_FMA, "x_ptr", _fwd_limits)})
 @triton.jit
 def _sketch_conv2d_fwd_kernel(
     x_ptr, a_ptr, b_ptr, bias_ptr, perm_ptr, y_ptr, z_ptr,
     M, C, H, W, OH, OW, R, OC, OA, O_SPLIT,
-    sxn, sxc, sxh, sxw, syn, syc, syh, syw, szn, szc, szh, szw,
+    sxn, sxh, sxw, syn, syc, syh, syw, szn, szc, szh, szw,
     sh, sw, ph, pw, dh, dw,
     KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
     SINGLE_R: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
@@ -205,23 +225,25 @@ def _sketch_conv2d_fwd_kernel(
 ):
     """``z = conv2d(x, A)``, ``y[:, perm[:OA]] = z B[perm[:OA]]^T + bias``, ``y[:, perm[OA:]] = 0`` (eq. 2 / 4).
 
-    ``perm``: the active channels first, then the inactive ones (identity without ``out_idx``).
+    x dense NHWC, A (r, kh, kw, C), B (O, r) row-major; y and z stored through their strides (x's memory format).
+    ``perm`` (int32): the active channels first, then the inactive ones (identity without ``out_idx``).
     """
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n, oh, ow = _positions(offs_m, OH, OW)
-    x_base = n * sxn
+    n, oh, ow = positions(offs_m, OH, OW)
+    x_row = n * sxn
     ih0 = oh * sh - ph
     iw0 = ow * sw - pw
     y_pos = n * syn + oh * syh + ow * syw
     z_pos = n * szn + oh * szh + ow * szw
     out_ty = y_ptr.dtype.element_ty
     offs_rb = tl.arange(0, BLOCK_R)
+    offs_kb = tl.arange(0, BLOCK_K)
 
     if SINGLE_R:
-        z = _z_chunk(x_ptr, a_ptr, x_base, ih0, iw0, m_mask, 0, C, H, W, R, sxc, sxh, sxw, dh, dw,
+        z = _z_chunk(x_ptr, a_ptr, x_row, ih0, iw0, m_mask, 0, C, H, W, R, sxh, sxw, dh, dw,
                      KH, KW, TAP_MAJOR, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
         zc = z.to(out_ty)  # the backward and the torch path see z rounded to the input dtype: so does the 2nd GEMM
         r_mask = offs_rb < R
@@ -230,7 +252,7 @@ def _sketch_conv2d_fwd_kernel(
     else:
         # Every program of an O split stores the same z rows (identical values): it reads them back itself below.
         for r0 in range(0, R, BLOCK_R):
-            z = _z_chunk(x_ptr, a_ptr, x_base, ih0, iw0, m_mask, r0, C, H, W, R, sxc, sxh, sxw, dh, dw,
+            z = _z_chunk(x_ptr, a_ptr, x_row, ih0, iw0, m_mask, r0, C, H, W, R, sxh, sxw, dh, dw,
                          KH, KW, TAP_MAJOR, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
             offs_r = r0 + offs_rb
             tl.store(z_ptr + z_pos[:, None] + (offs_r * szc)[None, :], z.to(out_ty),
@@ -250,10 +272,10 @@ def _sketch_conv2d_fwd_kernel(
                 bt = tl.load(b_ptr + ch[None, :] * R + offs_rb[:, None], mask=active[None, :] & r_mask[:, None],
                              other=0.0)
                 acc = tl.dot(zc, bt, input_precision=PRECISION, out_dtype=tl.float32)
-            else:
+            else:  # z read back in BLOCK_K chunks: the FMA configs' register budget (and L2-resident rows)
                 acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-                for r0 in range(0, R, BLOCK_R):
-                    offs_r = r0 + offs_rb
+                for r0 in range(0, R, BLOCK_K):
+                    offs_r = r0 + offs_kb
                     rm = offs_r < R
                     zt = tl.load(z_ptr + z_pos[:, None] + (offs_r * szc)[None, :], mask=m_mask[:, None] & rm[None, :],
                                  other=0.0)
@@ -271,51 +293,51 @@ def _sketch_conv2d_fwd_kernel(
 # ---------------------------------------------------------------------------------------------------- backward
 
 
-def _dz_cfg(bm, bo, br, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+_dz_cfg = config_factory("BLOCK_M", "BLOCK_O", "BLOCK_R")
+_DZ_TC = [_dz_cfg(128, 64, 64, 8, 3), _dz_cfg(128, 32, 64, 4, 4), _dz_cfg(64, 64, 64, 4, 3),
+          _dz_cfg(128, 64, 128, 8, 3), _dz_cfg(64, 32, 128, 4, 3)]
+_DZ_FMA = [_dz_cfg(64, 32, 64, 8, 3), _dz_cfg(64, 16, 64, 8, 3)]
+_DZ_CONFIGS = autotune_configs(_DZ_TC + _DZ_FMA, _dz_cfg(32, 16, 16, 4, 1))
 
 
-_DZ_CONFIGS = autotune_configs(
-    [_dz_cfg(128, 64, 64, 4, 3), _dz_cfg(128, 32, 128, 8, 3), _dz_cfg(64, 64, 64, 4, 4), _dz_cfg(64, 64, 32, 4, 3),
-     _dz_cfg(32, 128, 64, 4, 3)],
-    _dz_cfg(32, 16, 16, 4, 1),
-)
+def _dz_limits(cfg, args):
+    kw = cfg.kwargs
+    return kw["BLOCK_R"] <= max(64, next_pow2(args["R"]))
 
 
-@triton.autotune(configs=_DZ_CONFIGS, key=["M", "R", "OA", "SPLIT"])
+@triton.autotune(configs=_DZ_CONFIGS, key=["M", "R", "OA", "SPLIT", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_by_dot(_DZ_TC, _DZ_FMA, "g_ptr", _dz_limits)})
 @triton.jit
 def _sketch_conv2d_bwd_dz_kernel(
-    g_ptr, b_ptr, idx_ptr, dz_ptr,
-    M, OH, OW, R, OA, SPLIT, o_per_split,
-    sgn, sgc, sgh, sgw,
-    HAS_IDX: tl.constexpr, PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr, b_ptr, dz_ptr,
+    M, R, OA, LDG, SPLIT, o_per_split,
+    PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """``dZ[m, r] = sum_{o in out_idx} G[m, o] B[o, r]`` over this split's share of the active channels; dZ is
-    (M, r) row-major (position-major: the dA and dX kernels read r-contiguous rows). ``PARTIAL``: fp32 partial sums
-    at ``dz_ptr + split * M * R``."""
+    """``dZ[m, r] = sum_o G_act[m, o] B_act[o, r]`` over this split's share of the active channels. G_act is dense
+    (M, OA) with row stride LDG (NHWC grad_y, or its active columns compacted by the launcher), B_act (OA, r) row-major;
+    dZ (M, r) row-major (the
+    dA and dX kernels read r-contiguous rows). ``PARTIAL``: fp32 partial sums at ``dz_ptr + split * M * R``."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n, oh, ow = _positions(offs_m, OH, OW)
-    g_pos = n * sgn + oh * sgh + ow * sgw
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
+    offs_o = tl.arange(0, BLOCK_O)
     j_start = pid_s * o_per_split
     j_end = tl.minimum(j_start + o_per_split, OA)
+    g_ptrs = g_ptr + (offs_m.to(tl.int64) * LDG)[:, None] + (j_start + offs_o)[None, :]
+    b_ptrs = b_ptr + (j_start + offs_o)[:, None] * R + offs_r[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for j0 in range(j_start, j_end, BLOCK_O):
-        offs_j = j0 + tl.arange(0, BLOCK_O)
-        j_mask = offs_j < j_end
-        if HAS_IDX:
-            ch = tl.load(idx_ptr + offs_j, mask=j_mask, other=0)
-        else:
-            ch = offs_j
-        gt = tl.load(g_ptr + g_pos[:, None] + (ch * sgc)[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-        bt = tl.load(b_ptr + ch[:, None] * R + offs_r[None, :], mask=j_mask[:, None] & r_mask[None, :], other=0.0)
+        om = offs_o < j_end - j0
+        gt = tl.load(g_ptrs, mask=m_mask[:, None] & om[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=om[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(gt.to(bt.dtype), bt, acc, input_precision=PRECISION)
+        g_ptrs += BLOCK_O
+        b_ptrs += BLOCK_O * R
     ptrs = dz_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
     mask = m_mask[:, None] & r_mask[None, :]
     if PARTIAL:
@@ -324,158 +346,231 @@ def _sketch_conv2d_bwd_dz_kernel(
         tl.store(ptrs, acc.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _db_cfg(bo, br, bm, warps, stages):
-    return triton.Config({"BLOCK_O": bo, "BLOCK_R": br, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+_db_cfg = config_factory("BLOCK_O", "BLOCK_R", "BLOCK_M")
+_DB_TC = [_db_cfg(64, 64, 64, 4, 3), _db_cfg(128, 64, 32, 8, 3), _db_cfg(128, 64, 64, 8, 3),
+          _db_cfg(64, 128, 32, 4, 3), _db_cfg(128, 128, 32, 8, 3)]
+_DB_FMA = [_db_cfg(64, 64, 32, 8, 3), _db_cfg(64, 64, 16, 4, 3)]
+_DB_CONFIGS = autotune_configs(_DB_TC + _DB_FMA, _db_cfg(16, 16, 32, 4, 1))
 
 
-_DB_CONFIGS = autotune_configs(
-    [_db_cfg(64, 64, 64, 4, 3), _db_cfg(128, 64, 32, 4, 3), _db_cfg(64, 128, 32, 4, 3), _db_cfg(128, 128, 32, 8, 3),
-     _db_cfg(64, 32, 128, 4, 3)],
-    _db_cfg(16, 16, 32, 4, 1),
-)
+def _db_limits(cfg, args):
+    kw = cfg.kwargs
+    return kw["BLOCK_R"] <= max(64, next_pow2(args["R"]))
 
 
-@triton.autotune(configs=_DB_CONFIGS, key=["M", "R", "OA", "SPLIT", "NEED_B", "NEED_BIAS"])
+@triton.autotune(configs=_DB_CONFIGS, key=["M", "R", "OA", "SPLIT", "NEED_B", "NEED_BIAS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_by_dot(_DB_TC, _DB_FMA, "g_ptr", _db_limits)})
 @triton.jit
 def _sketch_conv2d_bwd_db_kernel(
-    g_ptr, z_ptr, idx_ptr, dbw_ptr, dbias_ptr,
-    M, OH, OW, R, OA, SPLIT, m_per_split,
-    sgn, sgc, sgh, sgw, szn, szc, szh, szw,
-    HAS_IDX: tl.constexpr, NEED_B: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr, z_ptr, dbw_ptr, dbias_ptr,
+    M, R, OA, LDG, SPLIT, m_per_split,
+    NEED_B: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Partial sums over this split's positions of ``dB_act = G_act^T z`` (OA x r) and ``db_act = 1^T G_act``,
-    written (fp32) at ``[split]`` of (SPLIT, OA, R) and (SPLIT, OA)."""
+    written (fp32) at ``[split]`` of (SPLIT, OA, R) and (SPLIT, OA). G_act (M, OA) with row stride LDG (the launcher
+    compacts the active columns), z dense (M, r).
+
+    db rides on the tensor cores as a second dot of the same G^T tile with a (BLOCK_M x 16) matrix whose first column
+    is ones: a row sum of the tile in registers would cost a convert and an add per element plus a cross-thread
+    reduction every step (the old loop: 8.9x the dense GEMM). Not for fp32 with TF32 products: TF32 would round G
+    (db is an exact fp32 sum in cuDNN), and 3xTF32 doubled the loop and spilled 1.1 KB on sm_90, so the launcher
+    sums db with torch there (one more read of G, fp32 only)."""
     pid_j = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_j = pid_j * BLOCK_O + tl.arange(0, BLOCK_O)
     j_mask = offs_j < OA
-    if HAS_IDX:
-        ch = tl.load(idx_ptr + offs_j, mask=j_mask, other=0)
-    else:
-        ch = offs_j
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
+    offs_mb = tl.arange(0, BLOCK_M)
     m_start = pid_s * m_per_split
     m_end = tl.minimum(m_start + m_per_split, M)
+    rows = (m_start + offs_mb).to(tl.int64)
+    g_ptrs = g_ptr + offs_j[:, None] + (rows * LDG)[None, :]
+    z_ptrs = z_ptr + (rows * R)[:, None] + offs_r[None, :]
     acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
-    bsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_O, 16), dtype=tl.float32)
+    first_col = (offs_mb[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
+    ones = tl.where(first_col, 1.0, 0.0).to(g_ptr.dtype.element_ty)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_end
-        n, oh, ow = _positions(offs_m, OH, OW)
-        g_pos = n * sgn + oh * sgh + ow * sgw
-        gt = tl.load(g_ptr + (ch * sgc)[:, None] + g_pos[None, :], mask=j_mask[:, None] & m_mask[None, :], other=0.0)
+        mm = offs_mb < m_end - m0
+        gt = tl.load(g_ptrs, mask=j_mask[:, None] & mm[None, :], other=0.0)
         if NEED_B:
-            z_pos = n * szn + oh * szh + ow * szw
-            zt = tl.load(z_ptr + z_pos[:, None] + (offs_r * szc)[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                         other=0.0)
+            zt = tl.load(z_ptrs, mask=mm[:, None] & r_mask[None, :], other=0.0)
             acc = tl.dot(gt.to(zt.dtype), zt, acc, input_precision=PRECISION)
         if NEED_BIAS:
-            bsum += tl.sum(gt.to(tl.float32), axis=1)
+            bacc = tl.dot(gt, ones, bacc, input_precision=PRECISION)
+        g_ptrs += BLOCK_M * LDG
+        z_ptrs += BLOCK_M * R
     if NEED_B:
         ptrs = dbw_ptr + pid_s * OA * R + offs_j[:, None] * R + offs_r[None, :]
         tl.store(ptrs, acc, mask=j_mask[:, None] & r_mask[None, :])
     if NEED_BIAS:
+        bsum = tl.sum(bacc, axis=1)  # exact: only the first column is non-zero
         # db once, by r tile 0; written as a vector condition because the interpreter rejects `j_mask & (pid_r == 0)`
         tl.store(dbias_ptr + pid_s * OA + offs_j, bsum, mask=j_mask & (offs_j < OA - pid_r * OA))
 
 
-def _da_cfg(br, bk, bm, warps, stages):
-    return triton.Config({"BLOCK_R": br, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+_da_cfg = config_factory("BLOCK_R", "BLOCK_K", "BLOCK_M")
+_DA_TC = [_da_cfg(64, 64, 64, 4, 3), _da_cfg(64, 128, 32, 4, 3), _da_cfg(64, 128, 64, 8, 3),
+          _da_cfg(128, 64, 32, 8, 3), _da_cfg(128, 128, 32, 8, 3)]
+# TF32: both operands of dA are M-major (dZ^T and the im2col rows are contiguous along r and c, the reduction runs
+# over positions), and TF32 MMAs take K-major operands only, so they are transposed on the way to the tensor cores;
+# these tiles keep that within 1.45x of the dense GEMM's loop on sm_90 (64x64x64 w4: 1.59x, bench.aot).
+_DA_TF32 = [_da_cfg(64, 64, 32, 4, 3), _da_cfg(64, 128, 64, 8, 3), _da_cfg(128, 64, 32, 8, 3)]
+_DA_FMA = [_da_cfg(64, 64, 32, 8, 3), _da_cfg(64, 64, 16, 4, 3)]
+_DA_CONFIGS = autotune_configs(_DA_TC + _DA_TF32 + _DA_FMA, _da_cfg(16, 16, 32, 4, 1))
 
 
-_DA_CONFIGS = autotune_configs(
-    [_da_cfg(64, 64, 64, 4, 3), _da_cfg(128, 64, 32, 8, 3), _da_cfg(64, 128, 32, 4, 3), _da_cfg(32, 64, 128, 4, 3),
-     _da_cfg(128, 128, 32, 8, 3)],
-    _da_cfg(16, 16, 32, 4, 1),
-)
+def _da_limits(cfg, args):
+    kw = cfg.kwargs
+    ok = kw["BLOCK_R"] <= max(64, next_pow2(args["R"]))
+    if args["TAP_MAJOR"]:
+        ok = ok and kw["BLOCK_K"] <= max(64, next_pow2(args["C"]))
+    return ok
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M", "C", "R", "SPLIT", "KH", "KW"])
+@triton.autotune(configs=_DA_CONFIGS, key=["M", "C", "R", "SPLIT", "KH", "KW", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_by_dot(_DA_TC, _DA_FMA, "x_ptr", _da_limits, _DA_TF32)})
 @triton.jit
 def _sketch_conv2d_bwd_da_kernel(
-    x_ptr, dz_ptr, da_ptr,
+    x_ptr, dz_ptr, rows_ptr, da_ptr,
     M, C, H, W, OH, OW, R, SPLIT, m_per_split,
-    sxn, sxc, sxh, sxw, sh, sw, ph, pw, dh, dw,
-    KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
+    sxn, sxh, sxw, sh, sw, ph, pw, dh, dw,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, ROW_TABLE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Partial ``dA[r, k] = sum_m dZ[m, r] I_in[m, k]`` over this split's positions (the conv weight gradient of
-    (x, dZ) as an implicit GEMM), fp32 at ``[split]`` of (SPLIT, R, C kh kw)."""
+    (x, dZ) as an implicit GEMM), fp32 at ``[split]`` of (SPLIT, R, kh kw C) (A's kernel layout).
+
+    Tap-major tiles (one tap, BLOCK_K channels): the im2col row of position m for the program's tap is the NHWC row
+    ``rows[tap, m]`` (int32, -1 where the tap falls in the padding), a table built once per geometry by the launcher,
+    so a step costs one int32 load per row instead of two integer divisions and four bound checks. ``ROW_TABLE``
+    False: 1x1, stride 1, no padding (SK-FC), where the row is m itself."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    c, i, j, koff, kmask = _k_index(pid_k, C, KH, KW, BLOCK_K, TAP_MAJOR)
+    offs_mb = tl.arange(0, BLOCK_M)
+    kk = KH * KW * C
     m_start = pid_s * m_per_split
     m_end = tl.minimum(m_start + m_per_split, M)
+    dz_ptrs = dz_ptr + offs_r[:, None] + ((m_start + offs_mb).to(tl.int64) * R)[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_end
-        n, oh, ow = _positions(offs_m, OH, OW)
-        xt = _im2col_load(x_ptr, n * sxn, oh * sh - ph, ow * sw - pw, m_mask, c, i, j, kmask, H, W, sxc, sxh, sxw,
-                          dh, dw, TAP_MAJOR)
-        dzt = tl.load(dz_ptr + offs_r[:, None] + offs_m.to(tl.int64)[None, :] * R,
-                      mask=r_mask[:, None] & m_mask[None, :], other=0.0)
-        acc = tl.dot(dzt, xt, acc, input_precision=PRECISION)
-    kk = C * KH * KW
+    if TAP_MAJOR:
+        ct = tl.cdiv(C, BLOCK_K)
+        tap = pid_k // ct
+        offs_c = (pid_k - tap * ct) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < C
+        koff = tap * C + offs_c
+        if ROW_TABLE:
+            t_ptrs = rows_ptr + tap * M + m_start + offs_mb
+            for m0 in range(m_start, m_end, BLOCK_M):
+                mm = offs_mb < m_end - m0
+                row = tl.load(t_ptrs, mask=mm, other=-1)
+                xt = tl.load(x_ptr + (row * C)[:, None] + offs_c[None, :], mask=(row >= 0)[:, None] & c_mask[None, :],
+                             other=0.0)
+                dzt = tl.load(dz_ptrs, mask=r_mask[:, None] & mm[None, :], other=0.0)
+                acc = tl.dot(dzt, xt, acc, input_precision=PRECISION)
+                t_ptrs += BLOCK_M
+                dz_ptrs += BLOCK_M * R
+        else:
+            x_ptrs = x_ptr + ((m_start + offs_mb).to(tl.int64) * C)[:, None] + offs_c[None, :]
+            for m0 in range(m_start, m_end, BLOCK_M):
+                mm = offs_mb < m_end - m0
+                xt = tl.load(x_ptrs, mask=mm[:, None] & c_mask[None, :], other=0.0)
+                dzt = tl.load(dz_ptrs, mask=r_mask[:, None] & mm[None, :], other=0.0)
+                acc = tl.dot(dzt, xt, acc, input_precision=PRECISION)
+                x_ptrs += BLOCK_M * C
+                dz_ptrs += BLOCK_M * R
+        kmask = c_mask
+    else:  # few channels: K = (tap, c) flattened, gathered element-wise
+        koff = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = koff < kk
+        tap = koff // C
+        c = koff - tap * C
+        i = tap // KW
+        j = tap - i * KW
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + offs_mb
+            mm = offs_m < m_end
+            n, oh, ow = positions(offs_m, OH, OW)
+            ih = (oh * sh - ph)[:, None] + (i * dh)[None, :]
+            iw = (ow * sw - pw)[:, None] + (j * dw)[None, :]
+            mask = mm[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load(x_ptr + (n * sxn)[:, None] + ih * sxh + iw * sxw + c[None, :], mask=mask, other=0.0)
+            dzt = tl.load(dz_ptrs, mask=r_mask[:, None] & mm[None, :], other=0.0)
+            acc = tl.dot(dzt, xt, acc, input_precision=PRECISION)
+            dz_ptrs += BLOCK_M * R
     ptrs = da_ptr + pid_s * R * kk + offs_r[:, None] * kk + koff[None, :]
     tl.store(ptrs, acc, mask=r_mask[:, None] & kmask[None, :])
 
 
-def _dx_cfg(bm, bc, br, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_R": br}, num_warps=warps, num_stages=stages)
+_dx_cfg = config_factory("BLOCK_M", "BLOCK_C", "BLOCK_R")
+_DX_TC = [_dx_cfg(128, 64, 32, 4, 3), _dx_cfg(128, 128, 32, 8, 3), _dx_cfg(64, 64, 64, 4, 3),
+          _dx_cfg(128, 64, 64, 8, 3), _dx_cfg(64, 128, 32, 4, 3)]
+_DX_FMA = [_dx_cfg(64, 64, 32, 8, 3), _dx_cfg(64, 64, 16, 4, 3)]
+_DX_CONFIGS = autotune_configs(_DX_TC + _DX_FMA, _dx_cfg(32, 16, 16, 4, 1))
 
 
-_DX_CONFIGS = autotune_configs(
-    [_dx_cfg(128, 64, 32, 4, 3), _dx_cfg(128, 128, 32, 8, 3), _dx_cfg(64, 64, 64, 4, 3), _dx_cfg(64, 128, 64, 4, 3),
-     _dx_cfg(128, 32, 64, 4, 4)],
-    _dx_cfg(32, 16, 16, 4, 1),
-)
+def _dx_limits(cfg, args):
+    kw = cfg.kwargs
+    if args["sdc"] != 1 and (kw["BLOCK_C"] == 128 or (kw["BLOCK_M"] == 128 and cfg.num_warps == 4)):
+        return False  # an NCHW dx tile is transposed for its stores: these spill 72-208 B (bench.aot)
+    return kw["BLOCK_C"] <= max(64, next_pow2(args["C"])) and kw["BLOCK_R"] <= max(32, next_pow2(args["R"]))
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=["MI", "C", "R", "KH", "KW"])
+@triton.autotune(configs=_DX_CONFIGS, key=["MI", "C", "R", "KH", "KW", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_by_dot(_DX_TC, _DX_FMA, "dz_ptr", _dx_limits)})
 @triton.jit
 def _sketch_conv2d_bwd_dx_kernel(
     dz_ptr, a_ptr, dx_ptr,
     MI, C, H, W, OH, OW, R,
     sdn, sdc, sdh, sdw, sh, sw, ph, pw, dh, dw,
-    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, UNIT_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """``dX[n, c, ih, iw] = sum_{i, j, r} dZ[n, oh, ow, r] A[r, c, i, j]`` over the taps with
-    ``ih = oh s_h - p_h + i d_h`` (same for w): the transposed conv, gathered per input position."""
+    """``dX[n, c, ih, iw] = sum_{i, j, r} dZ[n, oh, ow, r] A[r, i, j, c]`` over the taps with
+    ``ih = oh s_h - p_h + i d_h`` (same for w): the transposed conv, gathered per input position. Tap-major: per tap
+    the dZ row of every input position and its mask are computed once; the inner loop over r chunks advances the
+    pointers of dZ (M, r) and A (r, kh, kw, C) along contiguous axes."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     p_mask = offs_p < MI
-    n, ih, iw = _positions(offs_p, H, W)
+    n, ih, iw = positions(offs_p, H, W)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    kk = C * KH * KW
+    offs_rb = tl.arange(0, BLOCK_R)
+    kk = KH * KW * C
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for tap in range(0, KH * KW):
         i = tap // KW
         j = tap - i * KW
         th = ih + ph - i * dh
         tw = iw + pw - j * dw
-        thc = tl.maximum(th, 0)  # // and % of negative ints differ between C and Python: keep them >= 0
-        twc = tl.maximum(tw, 0)
-        oh = thc // sh
-        ow = twc // sw
-        ok = p_mask & (th >= 0) & (tw >= 0) & (oh * sh == thc) & (ow * sw == twc) & (oh < OH) & (ow < OW)
+        if UNIT_STRIDE:
+            oh = th
+            ow = tw
+            ok = p_mask & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
+        else:
+            thc = tl.maximum(th, 0)  # // and % of negative ints differ between C and Python: keep them >= 0
+            twc = tl.maximum(tw, 0)
+            oh = thc // sh
+            ow = twc // sw
+            ok = p_mask & (th >= 0) & (tw >= 0) & (oh * sh == thc) & (ow * sw == twc) & (oh < OH) & (ow < OW)
         m = (n * OH + oh) * OW + ow
+        dz_ptrs = dz_ptr + (m * R)[:, None] + offs_rb[None, :]
+        a_ptrs = a_ptr + (offs_rb * kk)[:, None] + (tap * C + offs_c)[None, :]
         for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < R
-            dzt = tl.load(dz_ptr + m[:, None] * R + offs_r[None, :], mask=ok[:, None] & r_mask[None, :], other=0.0)
-            at = tl.load(a_ptr + offs_r[:, None] * kk + (offs_c * (KH * KW) + tap)[None, :],
-                         mask=r_mask[:, None] & c_mask[None, :], other=0.0)
+            rm = offs_rb < R - r0
+            dzt = tl.load(dz_ptrs, mask=ok[:, None] & rm[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=rm[:, None] & c_mask[None, :], other=0.0)
             acc = tl.dot(dzt, at, acc, input_precision=PRECISION)
+            dz_ptrs += BLOCK_R
+            a_ptrs += BLOCK_R * kk
     ptrs = dx_ptr + (n * sdn + ih * sdh + iw * sdw)[:, None] + (offs_c * sdc)[None, :]
     tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
@@ -488,26 +583,31 @@ def _check_dtype(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"tritonslide.kernels.sketch.{name}: unsupported dtype {x.dtype} (fp16, bf16, fp32)")
 
 
-def _out_hw(h, w, kh, kw, stride, padding, dilation):
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return oh, ow
-
-
 def _active(out_idx: torch.Tensor | None, o: int) -> torch.Tensor | None:
     """``None`` when every channel is active (as the torch fallback treats a full index set)."""
     return None if out_idx is None or out_idx.numel() == o else out_idx
 
 
-def _like_x(x: torch.Tensor, shape) -> torch.Tensor:
-    """An empty tensor in x's memory format (F.conv2d's outputs follow ``suggest_memory_format``)."""
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+@lru_cache(maxsize=32)
+def _tap_rows(n, h, w, oh, ow, kh, kw, stride, padding, dilation, device) -> torch.Tensor:
+    """(kh kw, N OH OW) int32: the NHWC row ``(n H + ih) W + iw`` of x that tap (i, j) of output position m reads,
+    -1 where it falls in the padding (the dA kernel's im2col rows; 4 bytes per position and tap, built once per
+    geometry: 1.8 MB for a VGG 3x3 layer at batch 64)."""
+    ih = (torch.arange(oh, device=device) * stride[0] - padding[0])[None, :] + \
+        (torch.arange(kh, device=device) * dilation[0])[:, None]  # (kh, oh)
+    iw = (torch.arange(ow, device=device) * stride[1] - padding[1])[None, :] + \
+        (torch.arange(kw, device=device) * dilation[1])[:, None]  # (kw, ow)
+    ok = ((ih >= 0) & (ih < h))[:, None, None, :, None] & ((iw >= 0) & (iw < w))[None, :, None, None, :]
+    row = (torch.arange(n, device=device) * h)[None, None, :, None, None] + ih[:, None, None, :, None]
+    row = row * w + iw[None, :, None, None, :]
+    return torch.where(ok, row, -1).to(torch.int32).reshape(kh * kw, n * oh * ow)
 
 
-def _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z):
-    """Runs the forward kernel on 4-d x (N, C, H, W), writing y (N, O, OH, OW) and z (N, r, OH, OW)."""
+def _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z, kind="conv"):
+    """Runs the forward kernel on 4-d x (N, C, H, W), writing y (N, O, OH, OW) and z (N, r, OH, OW) (any strides).
+
+    The kernel reads x as dense NHWC (converted once here when x is NCHW) and A in its kernel layout (r, kh, kw, C),
+    cached per weight version by ``channels_inner``: the reduction axis (channels) is then contiguous in both."""
     n, c, h, w = x.shape
     r, _, kh, kw = a.shape
     o = b.shape[0]
@@ -515,14 +615,18 @@ def _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z):
     m = n * oh * ow
     if m == 0:
         return
-    a, b = a.contiguous(), b.contiguous()
+    x = activations_channels_last(x)
+    a = channels_inner(a)
+    b = b.contiguous()
+    _check_numel(x, y, z)
     idx = _active(out_idx, o)
     oa = o if idx is None else idx.numel()
     perm = None
     if idx is not None:  # the active channels first, then the inactive ones; no host sync
         inactive = torch.ones(o, dtype=torch.int32, device=x.device)
         inactive[idx] = 0
-        perm = torch.argsort(inactive, stable=True)
+        perm = torch.argsort(inactive, stable=True).to(torch.int32)
+    prec = dot_precision(x.dtype, kind)
     block_r = min(next_pow2(r), MAX_BLOCK_R)
     # Splitting the output channels repeats the first GEMM (the larger one on convs: r C kh kw vs O r per position)
     # in every program, so it is used only where the position tiles fill under a quarter of the target (a linear
@@ -535,63 +639,84 @@ def _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z):
     _sketch_conv2d_fwd_kernel[grid](
         x, a, b, bias if bias is not None else b, perm if perm is not None else b, y, z,
         m, c, h, w, oh, ow, r, o, oa, o_split,
-        *x.stride(), *y.stride(), *z.stride(),
+        *_dense_nhwc_strides(c, h, w), *y.stride(), *z.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw, TAP_MAJOR=_tap_major(c), HAS_BIAS=bias is not None, HAS_IDX=perm is not None,
-        SINGLE_R=r <= block_r, BLOCK_R=block_r, PRECISION=dot_precision(x.dtype),
+        # fp32 IEEE (FMA dots) re-reads z in K chunks: a register z tile as the A operand of a K = BLOCK_R FMA dot
+        # would spill
+        SINGLE_R=r <= block_r and not fp32_fma(x.dtype, prec), BLOCK_R=block_r, PRECISION=prec,
     )
 
 
-def _conv_backward(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilation, needs, dx_out=None):
-    """dx, dA, dB, db on 4-d tensors (see the module docstring for the kernels)."""
+def _conv_backward(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilation, needs, dx_out=None,
+                   kind="conv"):
+    """dx, dA, dB, db on 4-d tensors (see the module docstring for the kernels). grad_y, x and z are read as dense
+    NHWC (converted once here if they are not), A in its kernel layout (r, kh, kw, C)."""
     need_x, need_a, need_b, need_bias = bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[3]) and has_bias
     n, c, h, w = x.shape
     r, _, kh, kw = a.shape
     o = b.shape[0]
     oh, ow = z.shape[2], z.shape[3]
     m = n * oh * ow
-    dev, acc_t, prec = x.device, torch.float32, dot_precision(x.dtype)
-    a, b = a.contiguous(), b.contiguous()
+    dev, acc_t, prec = x.device, torch.float32, dot_precision(x.dtype, kind)
+    b = b.contiguous()
+    g = activations_channels_last(grad_y)
+    _check_numel(x, g, z)
     idx = _active(out_idx, o)
     oa = o if idx is None else idx.numel()
-    idx_arg = idx if idx is not None else b
     dx = da = dbw = dbias = None
+    # G as (M, O) rows (a view of the NHWC tensor). With out_idx, its active columns are compacted once (one pass
+    # over G) so that dZ and dB read 16-byte vectors instead of gathering 2-byte columns in their main loops (two
+    # gathered passes read G's sectors twice anyway); rows padded to 16 columns with repeats of the first active
+    # channel (never read: masked by OA), so that they stay 16-byte aligned.
+    g_act, b_act, ldg = g.permute(0, 2, 3, 1).reshape(m, o), b, o
+    if idx is not None and oa > 0 and m > 0:
+        ldg = triton.cdiv(oa, 16) * 16
+        cols = idx if ldg == oa else torch.cat([idx, idx[:1].expand(ldg - oa)])
+        g_act, b_act = g_act.index_select(1, cols), b.index_select(0, idx)
 
     if need_b or need_bias:
         dbw_act = torch.zeros(oa, r, dtype=acc_t, device=dev)
         dbias_act = torch.zeros(oa, dtype=acc_t, device=dev)
-        if oa > 0 and m > 0:
+        # db on the tensor cores except with TF32 products, which would round G (see the db kernel's docstring)
+        kernel_bias = need_bias and prec != "tf32"
+        if oa > 0 and m > 0 and (need_b or kernel_bias):
             split = _split(triton.cdiv(oa, 64) * (triton.cdiv(r, 64) if need_b else 1), m, 256, dev)
             per = triton.cdiv(m, split)
             part_w = torch.empty(split, oa, r, dtype=acc_t, device=dev) if need_b else dbw_act
-            part_b = torch.empty(split, oa, dtype=acc_t, device=dev) if need_bias else dbias_act
+            part_b = torch.empty(split, oa, dtype=acc_t, device=dev) if kernel_bias else dbias_act
             grid = lambda meta: (triton.cdiv(oa, meta["BLOCK_O"]),  # noqa: E731
                                  triton.cdiv(r, meta["BLOCK_R"]) if need_b else 1, split)
             _sketch_conv2d_bwd_db_kernel[grid](
-                grad_y, z, idx_arg, part_w, part_b, m, oh, ow, r, oa, split, per,
-                *grad_y.stride(), *z.stride(),
-                HAS_IDX=idx is not None, NEED_B=need_b, NEED_BIAS=need_bias, PRECISION=prec,
+                g_act, activations_channels_last(z), part_w, part_b, m, r, oa, ldg, split, per,
+                NEED_B=need_b, NEED_BIAS=kernel_bias, PRECISION=prec,
             )
             dbw_act = part_w.sum(0) if need_b else dbw_act
-            dbias_act = part_b.sum(0) if need_bias else dbias_act
+            dbias_act = part_b.sum(0) if kernel_bias else dbias_act
+        if need_bias and not kernel_bias and oa > 0 and m > 0:
+            dbias_act = g_act[:, :oa].sum(0, dtype=acc_t)
         if need_b:
             dbw = _scatter_rows(dbw_act.to(x.dtype), idx, o)
         if need_bias:
             dbias = _scatter_rows(dbias_act.to(x.dtype), idx, o)
 
     if need_x or need_a:
+        ak = channels_inner(a)  # (r, kh, kw, C) memory, cached per weight version
         # dZ (M, r) position-major in x's dtype, as the torch path's dz (the 1x1 conv of G with B^T) is
         if oa == 0 or m == 0:
             dz = torch.zeros(m, r, dtype=x.dtype, device=dev)
         else:
             split = _split(triton.cdiv(m, 64) * triton.cdiv(r, 64), oa, 128, dev)
-            per = triton.cdiv(oa, split)
+            # each split's share of O a multiple of 64 (16 under the interpreter, so that the tests' O = 37 still
+            # splits), so that its bound keeps the channel loads 16-byte aligned
+            align = 16 if interpreting() else 64
+            per = triton.cdiv(triton.cdiv(oa, split), align) * align
+            split = triton.cdiv(oa, per)
             dz = torch.empty(m, r, dtype=x.dtype, device=dev)
             out = torch.empty(split, m, r, dtype=acc_t, device=dev) if split > 1 else dz
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, meta["BLOCK_R"]), split)  # noqa: E731
             _sketch_conv2d_bwd_dz_kernel[grid](
-                grad_y, b, idx_arg, out, m, oh, ow, r, oa, split, per, *grad_y.stride(),
-                HAS_IDX=idx is not None, PARTIAL=split > 1, PRECISION=prec,
+                g_act, b_act, out, m, r, oa, ldg, split, per, PARTIAL=split > 1, PRECISION=prec,
             )
             if split > 1:
                 dz.copy_(out.sum(0))
@@ -600,7 +725,11 @@ def _conv_backward(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilat
             if m == 0:
                 da = torch.zeros_like(a)
             else:
+                xl = activations_channels_last(x)
                 tap_major = _tap_major(c)
+                identity = kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+                rows = (_tap_rows(n, h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation), dev)
+                        if tap_major and not identity else None)
                 split = _split(triton.cdiv(r, 64) * triton.cdiv(kk, 64), m, 256, dev)
                 per = triton.cdiv(m, split)
                 part = torch.empty(split, r, kk, dtype=acc_t, device=dev)
@@ -611,20 +740,22 @@ def _conv_backward(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilat
                     return triton.cdiv(r, meta["BLOCK_R"]), k_tiles, split
 
                 _sketch_conv2d_bwd_da_kernel[grid](
-                    x, dz, part, m, c, h, w, oh, ow, r, split, per, *x.stride(),
+                    xl, dz, rows if rows is not None else dz, part, m, c, h, w, oh, ow, r, split, per,
+                    *_dense_nhwc_strides(c, h, w),
                     stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                    KH=kh, KW=kw, TAP_MAJOR=tap_major, PRECISION=prec,
+                    KH=kh, KW=kw, TAP_MAJOR=tap_major, ROW_TABLE=rows is not None, PRECISION=prec,
                 )
-                da = part.sum(0).view(a.shape).to(x.dtype)
+                # (r, kh, kw, C) -> A's (r, C, kh, kw)
+                da = part.sum(0).view(r, kh, kw, c).permute(0, 3, 1, 2).to(x.dtype).contiguous()
         if need_x:
-            dx = dx_out if dx_out is not None else _like_x(x, x.shape)
+            dx = dx_out if dx_out is not None else empty_like_format(x, x.shape)
             mi = n * h * w
             if mi > 0:
                 grid = lambda meta: (triton.cdiv(mi, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
                 _sketch_conv2d_bwd_dx_kernel[grid](
-                    dz, a, dx, mi, c, h, w, oh, ow, r, *dx.stride(),
+                    dz, ak, dx, mi, c, h, w, oh, ow, r, *dx.stride(),
                     stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                    KH=kh, KW=kw, PRECISION=prec,
+                    KH=kh, KW=kw, UNIT_STRIDE=tuple(stride) == (1, 1), PRECISION=prec,
                 )
     return dx, da, dbw, dbias
 
@@ -650,9 +781,9 @@ def sketch_conv2d_forward(
     _check_dtype("sketch_conv2d_forward", x)
     n, _, h, w = x.shape
     r, _, kh, kw = a.shape
-    oh, ow = _out_hw(h, w, kh, kw, stride, padding, dilation)
-    y = _like_x(x, (n, b.shape[0], oh, ow))
-    z = _like_x(x, (n, r, oh, ow))
+    oh, ow = conv_out_hw(h, w, kh, kw, stride, padding, dilation)
+    y = empty_like_format(x, (n, b.shape[0], oh, ow))
+    z = empty_like_format(x, (n, r, oh, ow))
     _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z)
     return y, z
 
@@ -693,7 +824,7 @@ def sketch_linear_forward(
     y = torch.empty(x2.shape[0], o, dtype=x.dtype, device=x.device)
     z = torch.empty(x2.shape[0], r, dtype=x.dtype, device=x.device)
     _conv_forward(x2[:, :, None, None], a[:, :, None, None], b, bias, out_idx, (1, 1), (0, 0), (1, 1),
-                  y[:, :, None, None], z[:, :, None, None])
+                  y[:, :, None, None], z[:, :, None, None], kind="linear")
     return y.view(*lead, o), z.view(*lead, r)
 
 
@@ -716,7 +847,7 @@ def sketch_linear_backward(
     dx2 = torch.empty_like(x2, memory_format=torch.contiguous_format) if needs[0] else None
     dx, da, db, dbias = _conv_backward(
         g2[:, :, None, None], x2[:, :, None, None], a[:, :, None, None], b, z2[:, :, None, None], has_bias, out_idx,
-        (1, 1), (0, 0), (1, 1), needs, dx_out=None if dx2 is None else dx2[:, :, None, None],
+        (1, 1), (0, 0), (1, 1), needs, dx_out=None if dx2 is None else dx2[:, :, None, None], kind="linear",
     )
     if dx is not None:
         dx = dx2.view(x.shape)

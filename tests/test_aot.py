@@ -43,5 +43,36 @@ def test_aot_compiles_one_active_fwd_config():
         assert any(op.startswith("HGMMA") for op in r["mma"]), r["mma"]
         assert r["ptx"]["wgmma.mma_async"] > 0
     assert rec["loop_ratio_vs_dense"] > 0
-    # the launcher's specialization: unit strides of the NCHW tensors are constexprs
-    assert "sxw" in rec["constexpr_args"]
+    # NHWC x and (O, kh, kw, C) weights with a 16-aligned channel count: the operand tiles of the main loop arrive by
+    # 16-byte cp.async, never as 2-byte scalar loads
+    assert rec["main_loop"]["ldgsts"] > 0
+    assert "16" not in rec["main_loop"]["ldg_bits"]
+
+
+def _record(**over):
+    rec = {"kernel": "active_fwd", "variant": "v", "case": {"shape": "vgg11_256x256_3x3@28"}, "dtype": "fp16",
+           "target": 90, "ok": True, "spill_bytes": 0, "mma": {"HGMMA.64x64x16.F32": 2},
+           "config": {"kwargs": {"BLOCK_M": 64}, "num_warps": 4, "num_stages": 3},
+           "main_loop": {"ldg_bits": {}, "ldgsts": 2}}
+    rec.update(over)
+    return rec
+
+
+def test_gate_flags_each_static_target():
+    from bench.aot import gate
+
+    assert gate([_record()]) == []
+    assert gate([_record(dtype="fp32", mma={})]) == []  # IEEE fp32 runs on FMA units by definition
+    assert gate([_record(kernel="dense_gemm", spill_bytes=64)]) == []  # the anchor is not gated
+    cases = {
+        "compile error": _record(ok=False, error="CompilationError: boom"),
+        "spills 24 B": _record(spill_bytes=24),
+        "no tensor-core instruction": _record(dtype="bf16", mma={}),
+        "2-byte scalar loads": _record(main_loop={"ldg_bits": {"16": 8}, "ldgsts": 0}),
+    }
+    for what, rec in cases.items():
+        problems = gate([rec])
+        assert len(problems) == 1 and what in problems[0], (what, problems)
+    # a 3-channel input (AlexNet conv1) has 6-byte rows: scalar loads there are by construction, not a violation
+    conv1 = _record(case={"shape": "alexnet_conv1_3x64_11x11s4"}, main_loop={"ldg_bits": {"16": 8}, "ldgsts": 0})
+    assert gate([conv1]) == []

@@ -128,6 +128,34 @@ def test_index_sets_that_are_full_or_sparse_without_bias(device, fracs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fracs", [(None, None), (0.7, 0.8)], ids=["all", "active"])
+def test_reductions_of_several_chunks_per_tap(device, fracs):
+    """21 input channels and 19 filters: more than one BLOCK_K chunk per tap in the forward and dX loops (the
+    interpreter's tile has BLOCK_K = 16), so the flat (tap, chunk) loop's carried step wraps inside a tap."""
+    shape = (2, 21, 6, 7, 19, 3, 3, 1, 1, 1)
+    x, w, b, out_idx, in_idx, gy = make_case(shape, torch.float32, device, *fracs, seed=3)
+    x = x.contiguous(memory_format=torch.channels_last)
+    got = run_triton(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    ref = masked_reference(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    check_against_reference(shape, torch.float32, got, ref, out_idx, in_idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_updated_in_place_is_seen(device):
+    """The kernel-layout copy of W is cached per weight version: an in-place update (an optimizer step) must be
+    seen by the next call, forward and dX."""
+    shape = SHAPES[0]
+    x, w, b, out_idx, in_idx, gy = make_case(shape, torch.float32, device, 0.5, None, seed=4)
+    w = w.clone()
+    for step in range(2):
+        got = run_triton(x, w, b, out_idx, in_idx, *shape[7:], gy)
+        ref = masked_reference(x, w, b, out_idx, in_idx, *shape[7:], gy)
+        check_against_reference(shape, torch.float32, got, ref, out_idx, in_idx)
+        with torch.no_grad():
+            w.mul_(-0.5).add_(0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_active_sets(device):
     shape = SHAPES[0]
     x, w, b, _, _, gy = make_case(shape, torch.float32, device, None, None)
@@ -240,3 +268,23 @@ def test_auto_backend_uses_triton_on_cuda(device):
     from tritonslide._backend import resolve_backend
 
     assert resolve_backend("active_conv2d", torch.empty(1, device=device)) == "triton"
+
+
+@requires_triton
+def test_prunes_read_keyword_arguments_as_triton_passes_them():
+    """Triton's autotuner hands ``early_config_prune`` the positional arguments as ``nargs`` and the keyword ones
+    (PRECISION, the flags) as keywords: the prunes read both. IEEE fp32 keeps only tiles that fit FMA dots."""
+    from triton.runtime.jit import MockTensor
+
+    from tritonslide.kernels import active_conv2d as k
+
+    extents = {"N_ACT": 128, "C_ACT": 128, "R_ACT": 128, "K_RED": 50176}
+    for prune, configs, fma, ptr in ((k._prune_fwd, k._FWD_GPU, k._FWD_FMA, "x_ptr"),
+                                     (k._prune_dx, k._DX_GPU, k._DX_FMA, "g_ptr"),
+                                     (k._prune_dw, k._DW_GPU, k._DW_FMA, "g_ptr")):
+        fits = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in fma}
+        for dtype, prec in ((torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+            kept = prune(configs, {**extents, ptr: MockTensor(dtype)}, PRECISION=prec)
+            assert kept, (prune.__name__, dtype, prec)
+            if prec == "ieee" and dtype == torch.float32:  # (extents of 128: no clamping changes these tiles)
+                assert {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept} <= fits

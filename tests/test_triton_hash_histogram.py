@@ -186,3 +186,59 @@ def test_float64_is_refused_by_the_forced_triton_backend():
     x, planes = make(CASES[0], "cpu", torch.float64)
     with tritonslide.use_backend("triton"), pytest.raises(TypeError, match=r"hash_histogram.*float64"):
         ops.hash_histogram(x, planes, 5, 1, 1)
+
+
+# Shapes that reach each reduction order of the kernel (kernels/hash_histogram.py): ROWS (C < 16 and undilated
+# columns: a zero-padded NHWC copy), tap-major with C as a constant (C >= 16; a partial last chunk when kh*kw*C is not
+# a multiple of BLOCK_D), tap-major with a carried (tap, c0) state (more than 32 taps, or in_idx).
+ORDER_CASES = [
+    (2, 20, 9, 7, 3, 5, 3, 3, (1, 1), (1, 1), (1, 1)),  # C >= 16, kh*kw*C = 180: a partial last chunk
+    (1, 16, 11, 10, 2, 4, 3, 3, (2, 2), (1, 1), (1, 1)),  # C = 16, stride 2
+    (1, 17, 10, 9, 2, 3, 7, 7, (1, 1), (3, 3), (1, 1)),  # 49 taps: no tap bitmask
+    (2, 3, 12, 11, 3, 5, 3, 3, (1, 1), (2, 2), (1, 2)),  # dilated columns: C = 3 read tap-major
+    (2, 1, 10, 9, 2, 4, 3, 3, (1, 1), (1, 1), (1, 1)),  # C = 1, padded to 4 channels (ROWS)
+    (1, 9, 13, 12, 2, 5, 5, 5, (3, 2), (2, 1), (2, 1)),  # C = 9 padded to 16, dilated rows, unequal strides
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ORDER_CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("use_in_idx", [False, True], ids=["all_channels", "in_idx"])
+def test_every_reduction_order_matches_loop_reference(device, case, layout, use_in_idx):
+    """NCHW input (converted by the launcher) and channels_last input (read in place, or copied with padding for
+    C < 16) give the loop reference's codes and histogram, in every reduction order the launcher can pick."""
+    n, c, h, w, n_tables, bits, kh, kw, stride, padding, dilation = case
+    x, planes = make(case, device, torch.float32, seed=12)  # a seed whose data hits no rounding ambiguity
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    in_idx = torch.arange(0, c, 3, device=device) if use_in_idx else None
+    hist, codes = run_triton(x, planes, bits, stride, padding, dilation, in_idx)
+    ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), bits, stride, padding, dilation,
+                                         None if in_idx is None else in_idx.cpu())
+    check_against(hist, codes, ref_hist, ref_codes, ambiguous(x, planes, bits, stride, padding, dilation, in_idx), bits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [ORDER_CASES[0], CASES[1], ORDER_CASES[3]], ids=case_id)
+def test_a_non_finite_pixel_changes_only_the_patches_that_hold_it(device, case):
+    """The kernel reads past a patch (the ROWS order's zero-padded copy, the last partial chunk) only under a mask:
+    a NaN pixel turns the codes of the patches containing it to 0 (NaN >= 0 is false), as in the reference, and
+    leaves every other patch's code as it was."""
+    n, c, h, w, n_tables, bits, kh, kw, stride, padding, dilation = case
+    x, planes = make(case, device, torch.float32, seed=9)
+    x[0, c - 1, h // 2, w // 2] = float("nan")
+    hist, codes = run_triton(x, planes, bits, stride, padding, dilation)
+    ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), bits, stride, padding, dilation)
+    assert (ref_codes == 0).any(), "the NaN pixel must fall in at least one patch"
+    assert torch.equal(codes, ref_codes) and torch.equal(hist, ref_hist)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_than_32_planes(device):
+    """L*K = 35 planes (BLOCK_P = 64): the codes come from one reduction per table, not from one 32-bit word."""
+    case = (1, 5, 8, 7, 7, 5, 3, 3, (1, 1), (1, 1), (1, 1))
+    x, planes = make(case, device, torch.float32, seed=13)
+    hist, codes = run_triton(x, planes, 5, (1, 1), (1, 1), (1, 1))
+    ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), 5, (1, 1), (1, 1), (1, 1))
+    check_against(hist, codes, ref_hist, ref_codes, ambiguous(x, planes, 5, (1, 1), (1, 1), (1, 1)), 5)

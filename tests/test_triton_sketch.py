@@ -30,6 +30,13 @@ CONV = {
     "1x1-cl": (3, 20, 5, 6, 12, 9, 1, 1, 1, 0, 1, True),
     "3x3-m288": (2, 16, 12, 12, 6, 7, 3, 3, 1, 1, 1, False),
     "3x3s2d2-rloop": (2, 5, 10, 9, 23, 7, 3, 3, 2, 1, 2, False),
+    # the kernels' layouts (x NHWC, A (r, kh, kw, C)): C = 17 flattened in channels_last; C = 70 tap-major with a
+    # channel tail (70 = 4 x 16 + 6 under the interpreter's BLOCK_K 16); a dilated unit-stride conv (dX's unit-stride
+    # path, dA's row table with padding); a 1x1 tap-major conv (dA's identity rows)
+    "3x3-c17-cl": (2, 17, 7, 6, 9, 11, 3, 3, 1, 1, 1, True),
+    "3x3-c70-cl-rloop": (1, 70, 5, 6, 19, 9, 3, 3, 1, 1, 1, True),
+    "3x3d2-c16": (2, 16, 9, 7, 6, 5, 3, 3, 1, 2, 2, False),
+    "1x1-c32": (2, 32, 5, 3, 7, 10, 1, 1, 1, 0, 1, False),
 }
 
 
@@ -132,7 +139,7 @@ def test_conv_fp32(device, case, active):
     check_conv(case, torch.float32, device, active)
 
 
-HALF_CASES = ["3x3", "3x3s2-cl-rloop", "3x2-s21-d21-rloop", "1x1-cl"]
+HALF_CASES = ["3x3", "3x3s2-cl-rloop", "3x2-s21-d21-rloop", "1x1-cl", "3x3d2-c16"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -173,6 +180,55 @@ def test_launcher_returns_none_for_skipped_gradients(device):
     assert grads[0] is None and grads[2] is None and grads[3] is None and grads[1].shape == a.shape
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_weight_updated_in_place(device):
+    """A is read in its kernel layout (r, kh, kw, C), a copy cached per weight version: an in-place update (an
+    optimizer step) must reach the next call, forward and backward."""
+    from tritonslide.kernels.sketch import sketch_conv2d_backward, sketch_conv2d_forward
+
+    case = CONV["3x3-m288"]
+    x, a, b, bias, _ = conv_factors(case, torch.float32, device)
+    args = (None, (1, 1), (1, 1), (1, 1))
+    sketch_conv2d_forward(x, a, b, bias, *args)
+    with torch.no_grad():
+        a.mul_(-2.0).add_(0.25)
+    y, z = sketch_conv2d_forward(x, a, b, bias, *args)
+    ref = dense_conv_reference(x, a, b, bias, None, (1, 1), (1, 1), (1, 1), torch.ones_like(y))
+    assert_close(y.cpu(), ref[0], torch.float32, reduction=16 * 9 * 6)
+    gy = torch.ones_like(y)
+    dx = sketch_conv2d_backward(gy, x, a, b, z, True, None, (1, 1), (1, 1), (1, 1), (True, False, False, False))[0]
+    assert_close(dx.cpu(), ref[1], torch.float32, reduction=7 * 6 * 9)
+
+
+def test_autotune_lists_after_prune():
+    """What bench.aot checks on compiled code rests on the lists: tensor-core tiles with at least 64 rows per dot
+    and whole 4-warp groups (wgmma on sm_90), FMA tiles only for fp32 with IEEE products, tiles no wider than the
+    problem."""
+    from triton.runtime.jit import MockTensor
+
+    from tritonslide.kernels import _gemm, sketch
+
+    lists = {  # tensor-core list, FMA list, pointer argument, limits, TF32 list, name of the dot's M tile
+        "fwd": (sketch._FWD_TC, sketch._FWD_FMA, "x_ptr", sketch._fwd_limits, None, "BLOCK_M"),
+        "dz": (sketch._DZ_TC, sketch._DZ_FMA, "g_ptr", sketch._dz_limits, None, "BLOCK_M"),
+        "db": (sketch._DB_TC, sketch._DB_FMA, "g_ptr", sketch._db_limits, None, "BLOCK_O"),
+        "da": (sketch._DA_TC, sketch._DA_FMA, "x_ptr", sketch._da_limits, sketch._DA_TF32, "BLOCK_R"),
+        "dx": (sketch._DX_TC, sketch._DX_FMA, "dz_ptr", sketch._dx_limits, None, "BLOCK_M"),
+    }
+    for name, (tc, fma, ptr, limits, tf32, m_name) in lists.items():
+        for cfg in tc + (tf32 or []):
+            assert cfg.kwargs[m_name] >= 64 and cfg.num_warps % 4 == 0, (name, cfg)
+        every = tc + (tf32 or []) + fma
+        prune = _gemm.prune_by_dot(tc, fma, ptr, limits, tf32)
+        base = {"C": 256, "R": 64, "TAP_MAJOR": True, "SINGLE_R": True, "sdc": 1}
+        for dtype, prec, want in ((torch.float16, "ieee", tc), (torch.float32, "ieee", fma),
+                                  (torch.float32, "tf32", tf32 or tc)):
+            kept = prune(every, {**base, ptr: MockTensor(dtype)}, PRECISION=prec)
+            assert kept and all(any(c is w for w in want) for c in kept), (name, dtype, prec)
+            if name in ("dz", "db", "da"):  # r = 64: no 128-wide r tile
+                assert all(c.kwargs["BLOCK_R"] <= 64 for c in kept), name
+
+
 # ---------------------------------------------------------------------------------------------------- linear
 
 # (lead, in, r, out, out_idx): r = 20 > 16 loops over r chunks; M = 7 rows fill one position tile, so the output
@@ -182,6 +238,7 @@ LINEAR = {
     "2x5x30-r20-idx": ((2, 5), 30, 20, 37, 0.6),
     "vector-r5": ((), 11, 5, 19, 0.5),
     "7x23-r20-split": ((7,), 23, 20, 37, None),
+    "9x48-r11-idx": ((9,), 48, 11, 21, 0.5),  # tap-major K (48 = 3 x 16): 16-byte rows, dA's identity rows
 }
 
 
