@@ -300,13 +300,13 @@ _DZ_FMA = [_dz_cfg(64, 32, 64, 8, 3), _dz_cfg(64, 16, 64, 8, 3)]
 _DZ_CONFIGS = autotune_configs(_DZ_TC + _DZ_FMA, _dz_cfg(32, 16, 16, 4, 1))
 
 
-def _dz_limits(cfg, args):
-    kw = cfg.kwargs
-    return kw["BLOCK_R"] <= max(64, next_pow2(args["R"]))
+def _r_limits(cfg, args):
+    """dZ and dB: no BLOCK_R wider than the sketch rank (a 128-wide r tile for r = 64 is half padding)."""
+    return cfg.kwargs["BLOCK_R"] <= max(64, next_pow2(args["R"]))
 
 
 @triton.autotune(configs=_DZ_CONFIGS, key=["M", "R", "OA", "SPLIT", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_DZ_TC, _DZ_FMA, "g_ptr", _dz_limits)})
+                 prune_configs_by={"early_config_prune": prune_by_dot(_DZ_TC, _DZ_FMA, "g_ptr", _r_limits)})
 @triton.jit
 def _sketch_conv2d_bwd_dz_kernel(
     g_ptr, b_ptr, dz_ptr,
@@ -353,13 +353,8 @@ _DB_FMA = [_db_cfg(64, 64, 32, 8, 3), _db_cfg(64, 64, 16, 4, 3)]
 _DB_CONFIGS = autotune_configs(_DB_TC + _DB_FMA, _db_cfg(16, 16, 32, 4, 1))
 
 
-def _db_limits(cfg, args):
-    kw = cfg.kwargs
-    return kw["BLOCK_R"] <= max(64, next_pow2(args["R"]))
-
-
 @triton.autotune(configs=_DB_CONFIGS, key=["M", "R", "OA", "SPLIT", "NEED_B", "NEED_BIAS", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_DB_TC, _DB_FMA, "g_ptr", _db_limits)})
+                 prune_configs_by={"early_config_prune": prune_by_dot(_DB_TC, _DB_FMA, "g_ptr", _r_limits)})
 @triton.jit
 def _sketch_conv2d_bwd_db_kernel(
     g_ptr, z_ptr, dbw_ptr, dbias_ptr,

@@ -75,6 +75,14 @@ def check_against(hist, codes, ref_hist, ref_codes, amb, bits):
     assert torch.equal(codes, ref_codes) and torch.equal(hist, ref_hist)
 
 
+def check_kernel_against_loop(x, planes, bits, stride, padding, dilation, in_idx):
+    """The kernel's histogram and codes against the loop reference, under the rounding rule of ``ambiguous``."""
+    hist, codes = run_triton(x, planes, bits, stride, padding, dilation, in_idx)
+    ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), bits, stride, padding, dilation,
+                                         None if in_idx is None else in_idx.cpu())
+    check_against(hist, codes, ref_hist, ref_codes, ambiguous(x, planes, bits, stride, padding, dilation, in_idx), bits)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("use_in_idx", [False, True], ids=["all_channels", "in_idx"])
@@ -82,10 +90,7 @@ def test_fp32_matches_loop_reference(device, case, use_in_idx):
     n, c, h, w, n_tables, bits, kh, kw, stride, padding, dilation = case
     x, planes = make(case, device, torch.float32)
     in_idx = torch.arange(0, c, 2, device=device) if use_in_idx else None
-    hist, codes = run_triton(x, planes, bits, stride, padding, dilation, in_idx)
-    ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), bits, stride, padding, dilation,
-                                         None if in_idx is None else in_idx.cpu())
-    check_against(hist, codes, ref_hist, ref_codes, ambiguous(x, planes, bits, stride, padding, dilation, in_idx), bits)
+    check_kernel_against_loop(x, planes, bits, stride, padding, dilation, in_idx)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,10 +218,7 @@ def test_every_reduction_order_matches_loop_reference(device, case, layout, use_
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     in_idx = torch.arange(0, c, 3, device=device) if use_in_idx else None
-    hist, codes = run_triton(x, planes, bits, stride, padding, dilation, in_idx)
-    ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), bits, stride, padding, dilation,
-                                         None if in_idx is None else in_idx.cpu())
-    check_against(hist, codes, ref_hist, ref_codes, ambiguous(x, planes, bits, stride, padding, dilation, in_idx), bits)
+    check_kernel_against_loop(x, planes, bits, stride, padding, dilation, in_idx)
 
 
 @pytest.mark.parametrize("device", DEVICES)

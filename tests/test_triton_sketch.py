@@ -210,8 +210,8 @@ def test_autotune_lists_after_prune():
 
     lists = {  # tensor-core list, FMA list, pointer argument, limits, TF32 list, name of the dot's M tile
         "fwd": (sketch._FWD_TC, sketch._FWD_FMA, "x_ptr", sketch._fwd_limits, None, "BLOCK_M"),
-        "dz": (sketch._DZ_TC, sketch._DZ_FMA, "g_ptr", sketch._dz_limits, None, "BLOCK_M"),
-        "db": (sketch._DB_TC, sketch._DB_FMA, "g_ptr", sketch._db_limits, None, "BLOCK_O"),
+        "dz": (sketch._DZ_TC, sketch._DZ_FMA, "g_ptr", sketch._r_limits, None, "BLOCK_M"),
+        "db": (sketch._DB_TC, sketch._DB_FMA, "g_ptr", sketch._r_limits, None, "BLOCK_O"),
         "da": (sketch._DA_TC, sketch._DA_FMA, "x_ptr", sketch._da_limits, sketch._DA_TF32, "BLOCK_R"),
         "dx": (sketch._DX_TC, sketch._DX_FMA, "dz_ptr", sketch._dx_limits, None, "BLOCK_M"),
     }
