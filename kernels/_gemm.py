@@ -135,8 +135,9 @@ def next_step(r, s, c0, EXTENT, KW: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def inside(i, n):
-    """``0 <= i < n`` in one unsigned comparison (a negative i wraps to a huge unsigned value)."""
-    return i.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+    """``0 <= i < n`` in one unsigned comparison (a negative i wraps to a huge unsigned value; the int32 ``n``
+    promotes to uint32). ``n`` may be a constexpr: Triton's launcher specializes an integer argument equal to 1."""
+    return i.to(tl.uint32, bitcast=True) < n
 
 
 @triton.jit
