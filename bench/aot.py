@@ -166,15 +166,17 @@ def _active_dx_args(case, dtype, prec):
 
 
 def _active_dw_args(case, dtype, prec):
+    """dy as the dense (N*H'*W', n_act) matrix, x as the zero-padded NHWC frame of the active channels and the
+    int32 position-row table (``kernels/active_conv2d.py: _padded_frame, _position_rows``)."""
     n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, has_out, has_in, has_count, idx_args = _active_common(
         case, dtype, prec)
     f32 = _mock(torch.float32)
-    sg, sx, sd = _strides((n, n_act, ho, wo), True), _strides((n, c_act, h, w), True), \
-        _strides((o, c, geom["KH"], geom["KW"]))
-    return dict(g_ptr=t, x_ptr=t, dw_ptr=f32, db_ptr=f32, **idx_args, in_idx_ptr=_mock(torch.int32) if has_in else t,
-                K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act, H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgh=sg[2],
-                sgw=sg[3], sxn=sx[0], sxh=sx[2], sxw=sx[3], sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom,
-                HAS_BIAS=True, HAS_OUT_IDX=has_out, HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
+    sd = _strides((o, c, geom["KH"], geom["KW"]))
+    return dict(g_ptr=t, x_ptr=t, rows_ptr=_mock(torch.int32), dw_ptr=f32, db_ptr=f32, **idx_args,
+                in_idx_ptr=_mock(torch.int32) if has_in else t, K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act,
+                WP=w + 2 * geom["PW"], sg=n_act, sx=c_act, sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3],
+                KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_BIAS=True, HAS_OUT_IDX=has_out,
+                HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
 
 
 def _hist_args(case, dtype, prec):

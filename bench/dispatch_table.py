@@ -1,11 +1,15 @@
 """Write the per-shape dispatch table of a GPU from its benchmark records (see ``tritonslide/_dispatch.py``).
 
     python -m bench.dispatch_table bench/results/<gpu>.json [--out tritonslide/dispatch/<gpu>.json]
+    python -m bench.dispatch_table $TMPDIR/dry.json --include-dry --out $TMPDIR/dispatch.json  # tests the script
 
 Every ``triton`` record of ``bench/test_active_conv2d_gpu.py`` whose ``ratio_vs["torch_best"]`` (torch p50 / Triton
 p50) is below 1 becomes an entry choosing ``torch`` for its shape, dtype, pass and active fraction; where Triton
 won, an entry choosing ``triton`` keeps the measurement on record. The file also records the device, versions and
-commit of the measurement.
+commit of the measurement. Records of a dry run (``"scale": "dry"``: tiny shapes in Triton's interpreter on the CPU)
+are not measurements and are skipped (``--include-dry`` takes them, to exercise this script without a GPU; it needs
+``--out``, so that no package table is written from them); those of a quick run (``--bench-scale quick``: fewer
+layers and rounds) are used, and each entry names the scale it came from.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from typing import Any
 from tritonslide._dispatch import DISPATCH_DIR, gpu_slug
 
 
-def entries_from_records(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def measured(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The records that are measurements: all but those of dry runs."""
+    return {name: rec for name, rec in records.items() if rec.get("scale") != "dry"}
+
+
+def entries_from_records(records: dict[str, dict[str, Any]], include_dry: bool = False) -> list[dict[str, Any]]:
     entries = []
-    for name, rec in sorted(records.items()):
+    for name, rec in sorted((records if include_dry else measured(records)).items()):
         if rec.get("op") != "active_conv2d" or rec.get("variant") != "triton" or "torch_best" not in rec.get(
             "ratio_vs", {}
         ):
@@ -36,7 +45,7 @@ def entries_from_records(records: dict[str, dict[str, Any]]) -> list[dict[str, A
         ratio = rec["ratio_vs"]["torch_best"]
         entries.append({"op": "active_conv2d", "key": key, "fraction": rec["fraction"],
                         "backend": "triton" if ratio >= 1.0 else "torch", "triton_over_torch_speed": ratio,
-                        "benchmark": name})
+                        "benchmark": name, "scale": rec.get("scale", "full")})
     return entries
 
 
@@ -44,11 +53,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--include-dry", action="store_true",
+                        help="take the records of dry runs too (testing this script; needs --out)")
     args = parser.parse_args(argv)
+    if args.include_dry and args.out is None:
+        parser.error("--include-dry needs --out: a table from dry records must not land in tritonslide/dispatch/")
     records = json.loads(args.results.read_text(encoding="utf-8"))
-    entries = entries_from_records(records)
+    entries = entries_from_records(records, args.include_dry)
     if not entries:
-        raise SystemExit(f"{args.results}: no active_conv2d Triton records with a torch_best ratio")
+        dry = len(records) - len(measured(records))
+        skipped = f" ({dry} records of a dry run skipped: --bench-scale dry does not measure)" if dry else ""
+        raise SystemExit(f"{args.results}: no active_conv2d Triton records with a torch_best ratio{skipped}")
     first = next(records[e["benchmark"]] for e in entries)
     device = first["device"].removeprefix("cuda: ")
     out = args.out or DISPATCH_DIR / f"{gpu_slug(device)}.json"

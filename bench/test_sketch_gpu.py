@@ -27,6 +27,12 @@ Targets (issue #6): ``ratio_vs["two_step"] >= 1.3``; ``ratio_vs["dense"] > 1`` w
 layer (the third baseline the issue names if it can run) is not benchmarked: the GPU machine has no package
 registry, so panther cannot be installed there. Skipped without CUDA; nothing here asserts a time. Each case is
 compiled and autotuned by an untimed first call; 20 rounds after 5 warmups keep the whole file to a few minutes.
+
+Scales (``--bench-scale``, bench/gpu.py): ``full`` as above, bf16 (27 cases x 2 modes x 3 variants = 162 tests).
+``quick``: VGG-11's 512->512 conv @28 at r = d/8 = 64 and AlexNet conv3 (192->384 @13) at r = d/4 = 48, fp16 and
+bf16, both modes, all three variants: 24 tests. The two share every compile (3x3, r tile 64, r / channels / sizes
+alike in divisibility by 16): 2 dtypes x 15 configs. ``dry``: one 16->16 3x3 conv on 2 x 16 x 8 x 8 at r = d/4 = 4,
+fp16 and fp32, on the CPU in Triton's interpreter: 12 tests.
 """
 
 from __future__ import annotations
@@ -36,14 +42,27 @@ import torch
 import torch.nn.functional as F
 
 import tritonslide
-from bench.gpu import time_cuda
+from bench.gpu import (
+    DTYPES,
+    CaseCost,
+    bench_scale,
+    call_s,
+    case_s,
+    compile_cost,
+    dry_conv,
+    layer_rank,
+    priority,
+    rounds_for,
+    scale_cases,
+    scale_dtypes,
+    time_cuda,
+    tune_cost,
+)
 from bench.utils import alexnet_features, conv_layer_inputs, vgg11_features
 from tritonslide import ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
-
 BATCH = 64
-DTYPE = torch.bfloat16
+FULL_DTYPES = ("bf16",)
 ROUNDS, WARMUP = 20, 5
 VGG_LAYERS = {"3", "8", "13", "16"}  # indices in vgg11().features: 64->128, 256->256, 512->512 @28, 512->512 @14
 VARIANTS = ("two_step", "dense", "triton")
@@ -70,13 +89,89 @@ def _cases():
 
 
 CASES = _cases()
+# (case, r) of the quick list: one kernel specialization for both (see the module docstring)
+QUICK = (("vgg11-conv13", 64), ("alexnet-conv6", 48))
 
 
-def _make(kind, shape, conv, r):
-    """x, A, B, bias and the op / dense functions of one case, on CUDA in bf16; A is scaled so that B @ A has the
-    default init's magnitude (the kernels' speed does not depend on it, the sanity check's error does)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+def _case_id(case: tuple) -> str:
+    return f"{case[0]}-r{case[4]}"
+
+
+def cases_for(scale: str) -> list[tuple]:
+    conv, shape = dry_conv()
+    return scale_cases(scale, CASES, QUICK, ("dry-c16o16-k3@8", "conv", shape, conv, 4, 16),
+                       quick_id=lambda c: (c[0], c[4]))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    scale = bench_scale(metafunc.config)
+    cases = cases_for(scale)
+    # the dtype joins the case: full (bf16 only) keeps today's test names, the other scales add it
+    dtypes = scale_dtypes(scale, FULL_DTYPES)
+    params = [(*c, dt) for c in cases for dt in dtypes]
+    ids = [_case_id(c) + ("" if scale == "full" else f"-{dt}") for c in cases for dt in dtypes]
+    metafunc.parametrize(("case", "kind", "shape", "conv", "r", "d", "dtype"), params, ids=ids)
+    metafunc.parametrize("mode", MODES)
+    metafunc.parametrize("variant", VARIANTS)
+
+
+def _group(case: str, r: int, mode: str, dtype: str, scale: str) -> str:
+    # full keeps its names (bf16 only); the other scales name the dtype
+    return f"sketch-{case}-r{r}-{mode}" + ("" if scale == "full" else f"-{dtype}")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def bench_cost(params: dict, scale: str) -> CaseCost:
+    """Cost model of one test (bench/gpu.py): FLOPs of the variant, the Triton variant's compiles (per geometry,
+    r tile, divisibility by 16 of r / channels / sizes, dtype) and autotune keys (per case and dtype)."""
+    case, kind, shape, conv, r = params["case"], params["kind"], params["shape"], params["conv"], params["r"]
+    dtype, mode, variant = params["dtype"], params["mode"], params["variant"]
+    if kind == "conv":
+        n, c, h, w = shape
+        ho, wo = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1, \
+            (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+        o, fan = conv.out_channels, c * conv.kernel_size[0] * conv.kernel_size[1]
+        rows = n * ho * wo
+        geometry = f"k{conv.kernel_size}s{conv.stride}p{conv.padding}|c16={c % 16 == 0}|hw16={h % 16 == 0}"
+    else:
+        rows, fan, o = shape[0], shape[1], 4096
+        geometry = "linear"
+    esize = 4 if dtype == "fp32" else 2
+    if variant == "dense":
+        flops = 2 * rows * o * fan
+    else:
+        flops = 2 * rows * r * (fan + o)
+    passes = 3 if mode == "fwd_bwd" else 1
+    one = call_s(flops * passes, rows * o * esize * passes)
+    rounds, warmup = rounds_for(scale, (ROUNDS, WARMUP))
+    calls = 1 + warmup + rounds + (1 if mode == "fwd_bwd" else 0)  # first call; grad_y's shape from one more
+    once = []
+    if variant == "triton":
+        calls += 1 if mode == "fwd" else 0  # the check against the torch chain
+        spec = f"{geometry}|R{_pow2(max(r, 16))}|r16={r % 16 == 0}|{dtype}"
+        key = f"{case}|r{r}|{dtype}"
+        if kind == "conv":
+            kernels = ["sketch_fwd"] + (["sketch_dz", "sketch_db", "sketch_da", "sketch_dx"] if mode == "fwd_bwd"
+                                        else [])
+        else:
+            kernels = ["sketch_linear_fwd"] + (["sketch_linear_bwd"] if mode == "fwd_bwd" else [])
+        for kernel in kernels:
+            once += [compile_cost(kernel, spec), tune_cost(kernel, key)]
+    quick = [f"{c}-r{r_}" for c, r_ in QUICK]
+    rank = priority(dtype, "forward" if mode == "fwd" else "forward+backward", None,
+                    layer_rank(f"{case}-r{r}", quick, [_case_id(c) for c in CASES]))
+    return CaseCost(_group(case, r, mode, dtype, scale), rank, case_s(one, calls), tuple(once))
+
+
+def _make(kind, shape, conv, r, dtype=torch.bfloat16, device="cuda"):
+    """x, A, B, bias and the op / dense functions of one case, on ``device`` in ``dtype``; A is scaled so that
+    B @ A has the default init's magnitude (the kernels' speed does not depend on it, the sanity check's error
+    does)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
     if kind == "conv":
         o, fan = conv.out_channels, (conv.in_channels, *conv.kernel_size)
         geometry = (conv.stride, conv.padding, conv.dilation)
@@ -85,10 +180,10 @@ def _make(kind, shape, conv, r):
     fan_in = 1
     for f in fan:
         fan_in *= f
-    a = torch.randn(r, *fan, device="cuda", dtype=DTYPE, generator=gen) / fan_in**0.5
-    b = (torch.randint(0, 2, (o, r), device="cuda", generator=gen).to(DTYPE) * 2 - 1) / r**0.5
-    bias = torch.randn(o, device="cuda", dtype=DTYPE, generator=gen) / fan_in**0.5
-    w = (b.float() @ a.flatten(1).float()).to(DTYPE).view(o, *fan)
+    a = torch.randn(r, *fan, device=device, dtype=dtype, generator=gen) / fan_in**0.5
+    b = (torch.randint(0, 2, (o, r), device=device, generator=gen).to(dtype) * 2 - 1) / r**0.5
+    bias = torch.randn(o, device=device, dtype=dtype, generator=gen) / fan_in**0.5
+    w = (b.float() @ a.flatten(1).float()).to(dtype).view(o, *fan)
     if kind == "conv":
         def op(x, a, b, bias):
             return ops.sketch_conv2d(x, a, b, bias, None, *geometry)
@@ -132,14 +227,11 @@ def _step(variant, mode, x, a, b, bias, w, op, dense):
     return fn
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("case", "kind", "shape", "conv", "r", "d"), CASES,
-                         ids=[f"{c[0]}-r{c[4]}" for c in CASES])
-def test_sketch(benchmark, bench_records, case, kind, shape, conv, r, d, mode, variant):
+def test_sketch(benchmark, bench_records, bench_device, bench_scale_name, case, kind, shape, conv, r, d, dtype, mode,
+                variant):
     torch.manual_seed(0)
-    x, a, b, bias, w, op, dense = _make(kind, shape, conv, r)
-    benchmark.group = f"sketch-{case}-r{r}-{mode}"
+    x, a, b, bias, w, op, dense = _make(kind, shape, conv, r, DTYPES[dtype], bench_device)
+    benchmark.group = _group(case, r, mode, dtype, bench_scale_name)
     fn = _step(variant, mode, x, a, b, bias, w, op, dense)
     out = fn()  # first call: compile + autotune, untimed
     if variant == "triton" and mode == "fwd":  # sanity: the same layer as the torch chain, to bf16 accuracy
@@ -148,7 +240,8 @@ def test_sketch(benchmark, bench_records, case, kind, shape, conv, r, d, mode, v
         err = (out.float() - ref).norm() / ref.norm()
         assert err < 2e-2, f"relative error {err:.3g} against the torch chain"
     del out
-    timing = time_cuda(benchmark, fn, rounds=ROUNDS, warmup=WARMUP)
+    rounds, warmup = rounds_for(bench_scale_name, (ROUNDS, WARMUP))
+    timing = time_cuda(benchmark, fn, rounds=rounds, warmup=warmup, device=bench_device)
     if not timing:
         return
     record = {
@@ -161,7 +254,8 @@ def test_sketch(benchmark, bench_records, case, kind, shape, conv, r, d, mode, v
         "r": r,
         "d": d,
         "r_over_d": r / d,
-        "dtype": "bf16",
+        "dtype": dtype,
+        "scale": bench_scale_name,
         **timing,
     }
     if kind == "conv":

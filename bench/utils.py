@@ -7,11 +7,7 @@ timestamp and p20/p50/p80 (STYLE.md practice 7; the record follows Liger-Kernel'
 from __future__ import annotations
 
 import copy
-import datetime
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,11 @@ from torch import nn
 
 from tritonslide import models
 
+# The environment, the machine load and the quantiles live in the package (``tritonslide bench`` records them too,
+# and bench/ is not installed); re-exported here for the bench/ scripts.
+from tritonslide._benchtools import OtherLoad, cpu_model, environment, quantiles
+from tritonslide._benchtools import git_commit as _git_commit
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO_ROOT = BENCH_DIR.parent
@@ -28,6 +29,17 @@ REPO_ROOT = BENCH_DIR.parent
 # torchvision's ImageNet normalization, as used by the thesis (shared/papers/001, sec. 5.2).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "BENCH_DIR", "IMAGENET_MEAN", "IMAGENET_STD", "REPO_ROOT", "RESULTS_DIR", "OtherLoad", "alexnet_features",
+    "conv_layer_inputs", "cpu_model", "environment", "git_commit", "methods_markdown", "methods_rows", "quantiles",
+    "random_normal_batch", "sample_crops", "update_results", "vgg11_features",
+]
+
+
+def git_commit() -> str:
+    """HEAD's hash of this checkout, with ``-dirty`` when the working tree has changes; ``unknown`` without git."""
+    return _git_commit(REPO_ROOT) or "unknown"
 
 
 def alexnet_features(seed: int = 0) -> nn.Sequential:
@@ -106,81 +118,6 @@ def sample_crops(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
 def random_normal_batch(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
     """(n, 3, size, size) standard-normal inputs: the comparison point for :func:`sample_crops`."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """HEAD's hash, with ``-dirty`` when the working tree has changes (the numbers may not be HEAD's)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "device": f"cpu: {cpu_model()}",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "git_commit": git_commit(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-class OtherLoad:
-    """Share of the machine's CPU time that other processes used while the block ran (Linux /proc/stat).
-
-    The benchmark machine may be shared: a dense and an ALSH run timed while something else was busy are not
-    comparable, so the share is recorded next to every timing (None where /proc/stat is missing).
-    """
-
-    def __enter__(self) -> "OtherLoad":
-        self.value: float | None = None
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        end = self._sample()
-        if self._start is None or end is None:
-            return
-        (busy0, total0, own0), (busy1, total1, own1) = self._start, end
-        if total1 > total0:
-            self.value = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (total1 - total0))
-
-    @staticmethod
-    def _sample() -> tuple[int, int, float] | None:
-        try:
-            with open("/proc/stat", encoding="utf-8") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        ticks = os.times()
-        own = (ticks.user + ticks.system) * os.sysconf("SC_CLK_TCK")
-        # busy = everything but idle and iowait, in clock ticks summed over CPUs
-        return sum(fields) - fields[3] - fields[4], sum(fields), own
-
-
-def quantiles(data: list[float], qs: tuple[float, ...] = (0.2, 0.5, 0.8)) -> list[float]:
-    """Linear-interpolation quantiles (numpy's default), as Liger-Kernel reports p20/p50/p80."""
-    return [float(v) for v in np.quantile(np.asarray(data, dtype=np.float64), qs)]
 
 
 def update_results(path: Path, records: dict[str, dict[str, Any]]) -> None:

@@ -23,7 +23,8 @@ each address and its padding mask are computed once per tap rather than once per
             contributes to input row ``ih`` only when ``(ih + p - r*d) % s == 0`` (masked, as the transposed conv);
 * dW:       (active filters) x (active input channels), one tap per program, reduction over N*H'*W' with split-K
             (fp32 atomics into an fp32 buffer; the interpreter has no fp16 atomic_add); db is summed from the same
-            dy tiles by the programs of tap 0 / channel block 0.
+            dy tiles by the programs of tap 0 / channel block 0. x arrives as a zero-padded NHWC frame with a
+            per-position row table, so the loop neither divides positions nor masks padding.
 
 ``out_count`` (a 0-d / 1-element int64 tensor on x's device) lets the ALSH layer choose its active set on the GPU
 without a host sync: ``out_idx`` then has a fixed length O and only its first ``out_count`` entries are used; the
@@ -32,10 +33,13 @@ kernels launch over all O rows and the programs past the count exit without writ
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
+from ._autotune import tuned
 from ._common import (
     activations_channels_last,
     autotune_configs,
@@ -177,10 +181,11 @@ _GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "PRECISION"]
 # (tap, chunk) step the address moves by a scalar and only the padding mask is recomputed per row.
 
 
-@triton.autotune(
+@tuned(
     configs=_FWD_CONFIGS,
     key=["M", "N_ACT", "C_ACT", "H", "W", "Y_CHANNELS_LAST"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_fwd},
+    buckets=["N_ACT", "C_ACT"],
 )
 @triton.jit
 def _active_conv2d_fwd_kernel(
@@ -253,10 +258,11 @@ def _active_conv2d_fwd_kernel(
     store_tile(y_rows, o_y * syc, acc.to(y_ptr.dtype.element_ty), m_mask, n_mask, not Y_CHANNELS_LAST)
 
 
-@triton.autotune(
+@tuned(
     configs=_DX_CONFIGS,
     key=["M", "C_ACT", "R_ACT", "HO", "WO", "DX_CHANNELS_LAST"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_dx},
+    buckets=["C_ACT", "R_ACT"],
 )
 @triton.jit
 def _active_conv2d_bwd_dx_kernel(
@@ -336,26 +342,32 @@ def _active_conv2d_bwd_dx_kernel(
     store_tile(dx_rows, c_dx * sdc, acc.to(dx_ptr.dtype.element_ty), m_mask, c_mask, not DX_CHANNELS_LAST)
 
 
-@triton.autotune(
+@tuned(
     configs=_DW_CONFIGS,
-    key=["K_RED", "R_ACT", "C_ACT"] + _GEOMETRY,
+    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_dw},
+    buckets=["R_ACT", "C_ACT"],
 )
 @triton.jit
 def _active_conv2d_bwd_dw_kernel(
-    g_ptr, x_ptr, dw_ptr, db_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
-    K_RED, R_ACT, C_ACT, H, W, HO: tl.constexpr, WO: tl.constexpr,
-    sgn, sgh, sgw, sxn, sxh, sxw, sdo, sdc, sdh, sdw,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DH: tl.constexpr, DW: tl.constexpr,
+    g_ptr, x_ptr, rows_ptr, dw_ptr, db_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
+    K_RED, R_ACT, C_ACT, WP, sg, sx, sdo, sdc, sdh, sdw,
+    KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Alg. 5 (Feeney 2019), the update of the active rows only:
 
     ``dW[A_j, I_c, r, t] = sum_{n, oh, ow} dy[n, oh, ow, A_j] * x[n, oh*s-p+r*d, ow*s-p+t*d, I_c]`` and
-    ``db[A_j] = sum_{n, oh, ow} dy[n, oh, ow, A_j]``, with dy compacted to the R_ACT active filters and x to the
-    C_ACT active channels (both NHWC).
+    ``db[A_j] = sum_{n, oh, ow} dy[n, oh, ow, A_j]``, with dy the dense (N*H'*W', R_ACT) matrix of the active
+    filters' gradients (row stride ``sg``) and x the zero-padded NHWC frame of the C_ACT active channels, whose
+    pixel ``(n, ih + p, iw + p)`` is row ``(n HP + ih + p) WP + iw + p`` (row stride ``sx``).
+
+    The reduction runs over output positions, so nothing in the loop decomposes a position: ``rows_ptr`` holds, per
+    position, the frame row its tap (0, 0) reads (``_position_rows``: int32, so that ``row * sx`` is one 32-bit
+    multiply, unless the frame has 2**31 elements; built once per geometry), and tap (r, t) reads the row
+    ``r d WP + t d`` further on. The frame's zero border replaces the padding masks. (A table of element offsets
+    would save the multiply but hide from the compiler that rows start 16-byte aligned: no vector loads.)
 
     One program: BLOCK_M active filters x BLOCK_N active input channels of one tap, over a 1/SPLIT_K slice of the
     N*H'*W' reduction; slices meet through fp32 atomics in the fp32 buffers ``dw_ptr`` (full (O, C, kh, kw)
@@ -380,36 +392,33 @@ def _active_conv2d_bwd_dw_kernel(
     m_read = offs_m < R_ACT  # rows read: dy's allocated channels (the padding rows of out_count are never stored)
     offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_n < C_ACT
+    tap_row = r * DH * WP + s * DW  # frame rows from tap (0, 0) to tap (r, s)
 
     k_per_split = tl.cdiv(tl.cdiv(K_RED, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K_RED)
+    offs_k = tl.arange(0, BLOCK_K)
+    # dy^T tile (filters x positions), loaded position-major: the filters are dy's contiguous axis; the pointers
+    # advance by BLOCK_K rows per step (int64 base, int32 offsets within the tile)
+    g_ptrs = g_ptr + k_lo.to(tl.int64) * sg + (offs_k[:, None] * sg + offs_m[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # db on the tensor cores: dy^T times a (BLOCK_K, 16) tile whose first column is ones and the rest zeros, so that
     # summing a row of the result afterwards adds exact zeros. A tl.sum of the dy tile in the loop cost ~100
     # shuffle / add instructions per step (sm_90 SASS, 64x64x32 / 8 warps: a 4.5x longer loop than a dense GEMM's).
-    first_col = (tl.arange(0, BLOCK_K)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
+    first_col = (offs_k[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
     ones = first_col.to(g_ptr.dtype.element_ty)
     db_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        ow = offs_k % WO
-        t = offs_k // WO
-        oh = t % HO
-        nb64 = (t // HO).to(tl.int64)
-        # dy^T tile (filters x positions), loaded position-major: the filters are dy's contiguous axis
-        a = tl.trans(tl.load((g_ptr + nb64 * sgn + oh * sgh + ow * sgw)[:, None] + offs_m[None, :],
-                             mask=k_mask[:, None] & m_read[None, :], other=0.0))
-        ih = oh * SH - PH + r * DH
-        iw = ow * SW - PW + s * DW
-        xv = k_mask & inside(ih, H) & inside(iw, W)
-        b = tl.load((x_ptr + nb64 * sxn + ih * sxh + iw * sxw)[:, None] + offs_n[None, :],
-                    mask=xv[:, None] & c_mask[None, :], other=0.0)
+        k_mask = offs_k < k_hi - k0
+        a = tl.trans(tl.load(g_ptrs, mask=k_mask[:, None] & m_read[None, :], other=0.0))
+        rows = tl.load(rows_ptr + k0 + offs_k, mask=k_mask, other=0) + tap_row
+        b = tl.load(x_ptr + (rows * sx)[:, None] + offs_n[None, :],
+                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             if pid_tc == 0:  # db once per row block: only the programs of tap 0 / channel block 0 sum dy
                 db_acc = tl.dot(a, ones, db_acc, input_precision=PRECISION)
+        g_ptrs += BLOCK_K * sg
 
     o_w = load_index(out_idx_ptr, offs_m, m_mask, HAS_OUT_IDX)
     c_w = load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
@@ -456,6 +465,38 @@ def _geometry(weight, stride, padding, dilation):
     kh, kw = weight.shape[-2:]
     return {"KH": kh, "KW": kw, "SH": stride[0], "SW": stride[1], "PH": padding[0], "PW": padding[1],
             "DH": dilation[0], "DW": dilation[1]}
+
+
+def _padded_frame(xk: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """x (any memory format) as a dense (N, H + 2 ph, W + 2 pw, C) tensor with a zero border: the dW kernel reads it
+    without padding masks. One copy (NCHW input: the transpose is the same copy); none when there is no padding
+    and x is dense NHWC already (the usual linked input)."""
+    v = xk.permute(0, 2, 3, 1)
+    ph, pw = padding
+    if not (ph or pw):
+        return v.contiguous()
+    n, h, w, c = v.shape
+    frame = torch.empty((n, h + 2 * ph, w + 2 * pw, c), dtype=xk.dtype, device=xk.device)
+    frame[:, :ph].zero_()
+    frame[:, ph + h:].zero_()
+    frame[:, ph:ph + h, :pw].zero_()
+    frame[:, ph:ph + h, pw + w:].zero_()
+    frame[:, ph:ph + h, pw:pw + w].copy_(v)
+    return frame
+
+
+@lru_cache(maxsize=32)
+def _position_rows(n: int, ho: int, wo: int, hp: int, wp: int, wide: bool, stride: tuple[int, int],
+                   device: torch.device) -> torch.Tensor:
+    """(N H' W',) the row ``(n HP + oh s) WP + ow s`` of the padded frame (``_padded_frame``) that output
+    position m's tap (0, 0) reads; int32 (4 bytes per position, 200 KB for a 28x28 map at batch 64), int64 when
+    ``wide`` (a frame of 2**31 elements or more: the kernel's ``row * channels`` must not wrap). Built once per
+    geometry and device."""
+    oh = torch.arange(ho, device=device) * (stride[0] * wp)
+    ow = torch.arange(wo, device=device) * stride[1]
+    nb = torch.arange(n, device=device) * (hp * wp)
+    rows = nb[:, None, None] + oh[None, :, None] + ow[None, None, :]
+    return rows.reshape(-1).to(torch.int64 if wide else torch.int32)
 
 
 def active_conv2d_forward(
@@ -601,15 +642,16 @@ def active_conv2d_backward(
                 tiles = triton.cdiv(n_act, meta["BLOCK_M"]) * kh * kw * triton.cdiv(c_act, meta["BLOCK_N"])
                 return (tiles, meta["SPLIT_K"])
 
-            xk = activations_channels_last(x)
-            if in_idx is not None and not compact_input:
-                xk = take_channels(xk, in_idx)
+            xk = take_channels(x, in_idx) if in_idx is not None and not compact_input else x
+            frame = _padded_frame(xk, padding)
+            rows = _position_rows(n, ho, wo, frame.shape[1], frame.shape[2], frame.numel() >= 2**31, tuple(stride),
+                                  x.device)
             _active_conv2d_bwd_dw_kernel[grid](
-                gk, xk, dw32, db32, o_idx if o_idx is not None else dummy, i_idx if i_idx is not None else dummy,
-                count_arg, k_red, n_act, c_act, x.shape[2], x.shape[3], ho, wo,
-                gk.stride(0), gk.stride(2), gk.stride(3), xk.stride(0), xk.stride(2), xk.stride(3), *dw32.stride(),
+                gk, frame, rows, dw32, db32, o_idx if o_idx is not None else dummy,
+                i_idx if i_idx is not None else dummy, count_arg, k_red, n_act, c_act, frame.shape[2],
+                gk.shape[1], c_act, *dw32.stride(), KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
                 HAS_BIAS=need_b, HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
-                HAS_COUNT=count is not None, PRECISION=prec, **geometry,
+                HAS_COUNT=count is not None, PRECISION=prec,
             )
             if need_b:
                 db, fused_db = db32.to(weight.dtype), True

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import tuned
 from ._common import (
     activations_channels_last,
     autotune_configs,
@@ -119,10 +120,11 @@ def _prune_configs(configs, nargs, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_D"] // c.num_warps)]
 
 
-@triton.autotune(
+@tuned(
     configs=autotune_configs(_CONFIGS, _INTERPRETER_CONFIG),
     key=["M", "C_READ", "P", "N_BUCKETS", "KH", "KW", "SH", "HO", "WO", "ROWS", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    buckets=["C_READ"],
     reset_to_zero=["hist_ptr"],  # autotuning runs the kernel once per config: the atomics must start from zero
 )
 @triton.jit

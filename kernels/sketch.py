@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import tuned
 from ._common import (
     activations_channels_last,
     autotune_configs,
@@ -210,9 +211,10 @@ def _fwd_limits(cfg, args):
     return kw["BLOCK_K"] <= max(32, next_pow2(args["C"])) if args["TAP_MAJOR"] else True
 
 
-@triton.autotune(configs=_FWD_CONFIGS,
-                 key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_FWD_TC, _FWD_FMA, "x_ptr", _fwd_limits)})
+@tuned(configs=_FWD_CONFIGS,
+       key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R", "PRECISION"],
+       prune_configs_by={"early_config_prune": prune_by_dot(_FWD_TC, _FWD_FMA, "x_ptr", _fwd_limits)},
+       buckets=["OA"])
 @triton.jit
 def _sketch_conv2d_fwd_kernel(
     x_ptr, a_ptr, b_ptr, bias_ptr, perm_ptr, y_ptr, z_ptr,
@@ -305,8 +307,9 @@ def _r_limits(cfg, args):
     return cfg.kwargs["BLOCK_R"] <= max(64, next_pow2(args["R"]))
 
 
-@triton.autotune(configs=_DZ_CONFIGS, key=["M", "R", "OA", "SPLIT", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_DZ_TC, _DZ_FMA, "g_ptr", _r_limits)})
+@tuned(configs=_DZ_CONFIGS, key=["M", "R", "OA", "SPLIT", "PRECISION"],
+       prune_configs_by={"early_config_prune": prune_by_dot(_DZ_TC, _DZ_FMA, "g_ptr", _r_limits)},
+       buckets=["OA"])
 @triton.jit
 def _sketch_conv2d_bwd_dz_kernel(
     g_ptr, b_ptr, dz_ptr,
@@ -353,8 +356,9 @@ _DB_FMA = [_db_cfg(64, 64, 32, 8, 3), _db_cfg(64, 64, 16, 4, 3)]
 _DB_CONFIGS = autotune_configs(_DB_TC + _DB_FMA, _db_cfg(16, 16, 32, 4, 1))
 
 
-@triton.autotune(configs=_DB_CONFIGS, key=["M", "R", "OA", "SPLIT", "NEED_B", "NEED_BIAS", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_DB_TC, _DB_FMA, "g_ptr", _r_limits)})
+@tuned(configs=_DB_CONFIGS, key=["M", "R", "OA", "SPLIT", "NEED_B", "NEED_BIAS", "PRECISION"],
+       prune_configs_by={"early_config_prune": prune_by_dot(_DB_TC, _DB_FMA, "g_ptr", _r_limits)},
+       buckets=["OA"])
 @triton.jit
 def _sketch_conv2d_bwd_db_kernel(
     g_ptr, z_ptr, dbw_ptr, dbias_ptr,
@@ -426,8 +430,8 @@ def _da_limits(cfg, args):
     return ok
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M", "C", "R", "SPLIT", "KH", "KW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_DA_TC, _DA_FMA, "x_ptr", _da_limits, _DA_TF32)})
+@tuned(configs=_DA_CONFIGS, key=["M", "C", "R", "SPLIT", "KH", "KW", "PRECISION"],
+       prune_configs_by={"early_config_prune": prune_by_dot(_DA_TC, _DA_FMA, "x_ptr", _da_limits, _DA_TF32)})
 @triton.jit
 def _sketch_conv2d_bwd_da_kernel(
     x_ptr, dz_ptr, rows_ptr, da_ptr,
@@ -517,8 +521,8 @@ def _dx_limits(cfg, args):
     return kw["BLOCK_C"] <= max(64, next_pow2(args["C"])) and kw["BLOCK_R"] <= max(32, next_pow2(args["R"]))
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=["MI", "C", "R", "KH", "KW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_by_dot(_DX_TC, _DX_FMA, "dz_ptr", _dx_limits)})
+@tuned(configs=_DX_CONFIGS, key=["MI", "C", "R", "KH", "KW", "PRECISION"],
+       prune_configs_by={"early_config_prune": prune_by_dot(_DX_TC, _DX_FMA, "dz_ptr", _dx_limits)})
 @triton.jit
 def _sketch_conv2d_bwd_dx_kernel(
     dz_ptr, a_ptr, dx_ptr,

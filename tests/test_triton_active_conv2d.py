@@ -288,3 +288,30 @@ def test_prunes_read_keyword_arguments_as_triton_passes_them():
             assert kept, (prune.__name__, dtype, prec)
             if prec == "ieee" and dtype == torch.float32:  # (extents of 128: no clamping changes these tiles)
                 assert {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept} <= fits
+
+
+@requires_triton
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("geometry", [((3, 2), (1, 2), (2, 1)), ((1, 1), (0, 0), (1, 1)), ((4, 3), (2, 0), (1, 3))])
+def test_dw_frame_rows_address_every_tap(geometry, wide, channels_last):
+    """The dW kernel's addressing: tap (r, t) of output position m reads row ``rows[m] + r d WP + t d`` of the
+    zero-padded frame (from NCHW or NHWC x), which must hold x at (oh s - p + r d, ow s - p + t d) or zero in the padding: checked
+    against F.unfold (the im2col of F.conv2d) for every position and tap; int32 and int64 tables alike."""
+    from tritonslide.kernels.active_conv2d import _padded_frame, _position_rows
+
+    stride, padding, dilation = geometry
+    n, c, h, w, kh, kw = 2, 3, 7, 6, 3, 2
+    x = torch.randn(n, c, h, w)
+    frame = _padded_frame(x.contiguous(memory_format=torch.channels_last) if channels_last else x, padding)
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    rows = _position_rows(n, ho, wo, frame.shape[1], frame.shape[2], wide, stride, x.device)
+    assert rows.dtype == (torch.int64 if wide else torch.int32) and rows.shape == (n * ho * wo,)
+    flat = frame.reshape(-1, c)
+    cols = F.unfold(x, (kh, kw), dilation, padding, stride)  # (n, c kh kw, ho wo)
+    want = cols.view(n, c, kh, kw, ho * wo).permute(0, 4, 2, 3, 1).reshape(n * ho * wo, kh, kw, c)
+    for r in range(kh):
+        for t in range(kw):
+            got = flat[rows.long() + r * dilation[0] * frame.shape[2] + t * dilation[1]]
+            torch.testing.assert_close(got, want[:, r, t], rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""The ``tritonslide`` command line: ``tritonslide demo`` and ``tritonslide --version``.
+"""The ``tritonslide`` command line: ``compare`` (the main job, :mod:`tritonslide.compare`), ``demo``, ``bench``
+(:mod:`tritonslide.benchmark`), ``autotune`` (:mod:`tritonslide.autotune`) and ``--version``.
 
 ``tritonslide demo`` reruns, at laptop scale, the vanilla-vs-LSH comparison on a 3-layer CNN of CNN-SLIDE
 (shared/papers/000_619cf88339ee9234.txt, sec. 5); see :mod:`tritonslide.demo`.
@@ -10,27 +11,9 @@ import argparse
 import sys
 
 import tritonslide
+from tritonslide import autotune, benchmark, compare
+from tritonslide._argtypes import non_negative_int, positive_int
 from tritonslide.demo import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,19 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="training epochs per variant (default %(default)s)"
+        "--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="training epochs per variant (default %(default)s)"
     )
     demo.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="batch size (default %(default)s)"
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="batch size (default %(default)s)"
     )
     demo.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="seed of the split, weights, order (default %(default)s)"
+        "--seed", type=non_negative_int, default=0, help="seed of the split, weights, order (default %(default)s)"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument(
         "--convert", action="store_true",
         help="instead: train the CNN dense, convert it with every method and fine-tune each for as many epochs",
     )
+    compare.add_parser(commands)
+    benchmark.add_parser(commands)
+    autotune.add_parser(commands)
     return parser
 
 
@@ -101,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "demo":
         return _demo(args)
+    if args.command == "compare":
+        return compare.run(args)
+    if args.command == "bench":
+        return benchmark.run(args)
+    if args.command == "autotune":
+        return autotune.run(args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse rejects unknown commands
     return 2
 
