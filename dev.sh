@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up from a fresh clone, then runs a job:
-#   ./dev.sh demo [args]    the main job: train the 3-layer CNN on the bundled digits, dense vs ALSH
+#   ./dev.sh compare [args] the main job: the papers' experiments on the bundled data (tritonslide compare --quick,
+#                           ~3 min on 2 cores; --full for the papers' settings), report in compare-report/
+#   ./dev.sh demo [args]    train the 3-layer CNN on the bundled digits, dense vs ALSH
 #   ./dev.sh test [args]    the test suite (what CI runs)
 #   ./dev.sh bench [args]   the CPU benchmarks (bench/, pytest-benchmark)
 # Setup: a virtual environment in .venv (override with VENV=...), a CPU build of torch installed first, then the
@@ -31,6 +33,10 @@ setup() {
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
+  compare)
+    setup
+    exec "$VENV/bin/tritonslide" compare "$@"
+    ;;
   demo)
     setup
     exec "$VENV/bin/tritonslide" demo "$@"
@@ -46,7 +52,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m pytest --benchmark-only "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|bench [args...]" >&2
+    echo "usage: ./dev.sh compare|demo|test|bench [args...]" >&2
     exit 2
     ;;
 esac

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,16 +18,21 @@ from tritonslide import models
 
 # The environment, the machine load and the quantiles live in the package (``tritonslide bench`` records them too,
 # and bench/ is not installed); re-exported here for the bench/ scripts.
-from tritonslide._benchtools import OtherLoad, cpu_model, environment, quantiles
+from tritonslide._benchtools import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OtherLoad,
+    cpu_model,
+    environment,
+    quantiles,
+    sample_crops,
+)
 from tritonslide._benchtools import git_commit as _git_commit
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO_ROOT = BENCH_DIR.parent
 
-# torchvision's ImageNet normalization, as used by the thesis (shared/papers/001, sec. 5.2).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
     "BENCH_DIR", "IMAGENET_MEAN", "IMAGENET_STD", "REPO_ROOT", "RESULTS_DIR", "OtherLoad", "alexnet_features",
@@ -92,27 +96,6 @@ def conv_layer_inputs(model: nn.Module, size: int, batch: int = 64) -> list[tupl
     convs = dict(model.named_modules())
     return [(name, convs[name], shape) for name, shape in shapes.items()]
 
-
-def sample_crops(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
-    """(n, 3, size, size) float32 random crops of scikit-learn's two sample photographs, ImageNet-normalized.
-
-    Crops alternate between china.jpg and flower.jpg (427x640 each); positions come from a seeded generator.
-    Real photographs matter: the ALSH active fraction depends on the statistics of the input patches.
-    """
-    from sklearn.datasets import load_sample_images  # reads JPEGs with pillow
-
-    images = load_sample_images().images
-    rng = np.random.default_rng(seed)
-    crops = []
-    for i in range(n):
-        img = images[i % len(images)]
-        top = int(rng.integers(0, img.shape[0] - size + 1))
-        left = int(rng.integers(0, img.shape[1] - size + 1))
-        crops.append(img[top : top + size, left : left + size])
-    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
 
 
 def random_normal_batch(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:

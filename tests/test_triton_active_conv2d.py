@@ -296,8 +296,9 @@ def test_prunes_read_keyword_arguments_as_triton_passes_them():
 @pytest.mark.parametrize("geometry", [((3, 2), (1, 2), (2, 1)), ((1, 1), (0, 0), (1, 1)), ((4, 3), (2, 0), (1, 3))])
 def test_dw_frame_rows_address_every_tap(geometry, wide, channels_last):
     """The dW kernel's addressing: tap (r, t) of output position m reads row ``rows[m] + r d WP + t d`` of the
-    zero-padded frame (from NCHW or NHWC x), which must hold x at (oh s - p + r d, ow s - p + t d) or zero in the padding: checked
-    against F.unfold (the im2col of F.conv2d) for every position and tap; int32 and int64 tables alike."""
+    zero-padded frame (from NCHW or NHWC x), which must hold x at (oh s - p + r d, ow s - p + t d) or zero in the
+    padding: checked against F.unfold (the im2col of F.conv2d) for every position and tap; int32 and int64 tables
+    alike."""
     from tritonslide.kernels.active_conv2d import _padded_frame, _position_rows
 
     stride, padding, dilation = geometry

@@ -188,3 +188,30 @@ def time_calls(
         "p20_s": p20, "p50_s": p50, "p80_s": p80,
         "data_s": list(stats.data), "other_cpu_load": load.value,
     }
+
+
+# torchvision's ImageNet normalization, as used by the thesis (shared/papers/001, sec. 5.2).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_crops(n: int = 64, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) float32 random crops of scikit-learn's two sample photographs, ImageNet-normalized.
+
+    Crops alternate between china.jpg and flower.jpg (427x640 each); positions come from a seeded generator.
+    Real photographs matter: the ALSH active fraction depends on the statistics of the input patches.
+    """
+    from sklearn.datasets import load_sample_images  # reads JPEGs with pillow
+
+    images = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        img = images[i % len(images)]
+        top = int(rng.integers(0, img.shape[0] - size + 1))
+        left = int(rng.integers(0, img.shape[1] - size + 1))
+        crops.append(img[top : top + size, left : left + size])
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
