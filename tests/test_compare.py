@@ -84,3 +84,35 @@ def test_a_failing_section_is_reported_and_exits_1(fake_sections, tmp_path, caps
     assert "boom" in capsys.readouterr().err
     assert "This section failed" in (tmp_path / "o" / "report.md").read_text()
     assert json.loads((tmp_path / "o" / "results.json").read_text())["failed"] == {"fake": "RuntimeError: boom"}
+
+
+def test_the_whole_quick_report_builds_through_the_cli(monkeypatch, tmp_path, capsys):
+    """``tritonslide compare --quick`` end to end with every real section, each shrunk through its module's knobs
+    (each section's figures are checked in its own test file): report.md holds all six titles, results.json rows
+    and plots for each, and every plot file exists."""
+    from tritonslide.compare import cnnslide, csg, methods, rankn, sketching, table51
+
+    monkeypatch.setattr(table51, "MODELS", {"alexnet": table51.MODELS["alexnet"]})
+    monkeypatch.setattr(table51, "QUICK", table51.Scale(batch=1, size=63, rounds=1, warmup=0, threads=(1,)))
+    monkeypatch.setattr(cnnslide, "QUICK", cnnslide.Scale(nets=("cnn3",), epochs=1, train_subset=16, test_subset=16,
+                                                          batch_size=16))
+    monkeypatch.setattr(csg, "QUICK", csg.Scale(epochs=1, net="cnn3", train_subset=16, test_subset=16,
+                                                batch_size=16))
+    monkeypatch.setattr(sketching, "TRAIN", {"quick": {"size": 8, "epochs": 1}, "full": {"size": 8, "epochs": 1}})
+    monkeypatch.setitem(sketching.SETTINGS, "quick", {"ks": (4,), "pairs": (1,), "draws": 2, "batch": 16,
+                                                      "mlp_epochs": 1})
+    monkeypatch.setitem(rankn.SETTINGS, "quick", {"ranks": (1, 3), "error_batch": 16, "time_batch": 1, "time_hw": 8,
+                                                  "blocks": 1, "rounds": 1, "model_images": 16, "model_batch": 16,
+                                                  "model_blocks": 1, "model_rounds": 1})
+    monkeypatch.setattr(methods, "QUICK", methods.Scale(net="demo_cnn_8x8", epochs=1))
+    out = tmp_path / "report"
+    assert cli.main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    data = json.loads((out / "results.json").read_text())
+    assert data["failed"] == {} and list(data["sections"]) == list(compare.SECTIONS)
+    for key, (_, title) in compare.SECTIONS.items():
+        assert f"## {title}" in report
+        section = data["sections"][key]
+        assert section["rows"] and section["paper"] and section["plots"], key
+        assert all((out / p).is_file() for p in section["plots"]), key
