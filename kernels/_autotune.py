@@ -17,9 +17,9 @@ key with a single config after pruning (always the case in the interpreter, ``_c
 without timing or writing. The default timer is ``triton.testing.do_bench`` (median ms); :func:`set_timer` replaces
 it (tests rank configs deterministically with it).
 
-The file entries are valid while the kernel's source hash (its ``@triton.jit`` source and its config list) is
-unchanged. Changes to the ``@triton.jit`` helpers it calls do not change the hash: ``tritonslide autotune --clear``
-(or mode ``full``) re-measures after such edits.
+The file entries are valid while the kernel's source hash is unchanged: its ``@triton.jit`` source, the sources of
+the ``@triton.jit`` helpers it calls by name (recursively) and its config list. Code outside those (a launcher, a
+prune function) is not hashed: ``tritonslide autotune --clear`` (or mode ``full``) re-measures after such edits.
 """
 
 from __future__ import annotations
@@ -65,12 +65,30 @@ class _Choice:
         return mode != "full" if self.how == "file" else mode == "off"
 
 
+def _is_jit(obj: Any) -> bool:
+    """A ``@triton.jit`` function: a JITFunction, or the interpreter's InterpretedFunction wrapping one."""
+    return isinstance(obj, JITFunction) or (type(obj).__name__ == "InterpretedFunction" and hasattr(obj, "fn"))
+
+
+def _jit_sources(fn: Any, seen: set[int]) -> list[str]:
+    """The source of ``fn`` (decorators cut off) and, depth first, of every ``@triton.jit`` function it calls by a
+    name of its module (the kernels' helpers: ``inside``, ``next_step``, ``load_index`` ...), each once."""
+    base = _base_function(fn)
+    src = textwrap.dedent(inspect.getsource(base))
+    src = src[re.search(r"^def\s+\w+\s*\(", src, re.MULTILINE).start():]
+    out = [src]
+    for name in sorted(set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", src))):
+        obj = base.__globals__.get(name)
+        if obj is not None and _is_jit(obj) and id(obj) not in seen:
+            seen.add(id(obj))
+            out += _jit_sources(obj, seen)
+    return out
+
+
 def source_hash(fn: Any, configs: list[triton.Config]) -> str:
-    """First 16 hex digits of sha256(the kernel's source + its config list): the file entries' validity stamp."""
-    src = getattr(fn, "src", None)
-    if not isinstance(src, str):  # the interpreter's InterpretedFunction has no .src: cut the source as JITFunction
-        src = textwrap.dedent(inspect.getsource(_base_function(fn)))
-        src = src[re.search(r"^def\s+\w+\s*\(", src, re.MULTILINE).start():]
+    """First 16 hex digits of sha256(the kernel's source, the sources of the ``@triton.jit`` helpers it calls, its
+    config list): the file entries' validity stamp, so that editing a helper re-tunes the kernels that use it."""
+    src = "\n".join(_jit_sources(fn, {id(fn)}))
     listing = repr([(sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in configs])
     return hashlib.sha256((src + listing).encode("utf-8")).hexdigest()[:16]
 

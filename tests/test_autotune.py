@@ -340,6 +340,28 @@ def test_changed_source_hash_retunes_with_one_warning(timer):
     assert load(user_file())["kernels"][ak.scale_kernel.name]["source"] == ak.scale_kernel.source_hash
 
 
+def test_source_hash_covers_the_jit_helpers_a_kernel_calls(monkeypatch):
+    """Editing a ``@triton.jit`` helper changes the hash of every kernel calling it (its entries are then stale);
+    a kernel that does not call it keeps its hash."""
+    import triton
+
+    from tritonslide.kernels._autotune import _base_function, source_hash
+
+    def hashes():
+        return [source_hash(k.fn, k.configs) for k in (ak.add_one_kernel, ak.scale_kernel)]
+
+    before = hashes()
+    assert before == [ak.add_one_kernel.source_hash, ak.scale_kernel.source_hash]
+
+    @triton.jit
+    def plus_one(v):
+        return v + 2.0
+
+    monkeypatch.setitem(_base_function(ak.add_one_kernel.fn).__globals__, "plus_one", plus_one)
+    after = hashes()
+    assert after[0] != before[0] and after[1] == before[1]
+
+
 def test_corrupt_file_is_ignored_with_one_warning_and_replaced(timer):
     user_file().parent.mkdir(parents=True)
     user_file().write_text('{"format": 1, "kernels": ')
