@@ -19,7 +19,6 @@ where it runs the same steps on CPU tensors in Triton's interpreter; nothing is 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -113,16 +112,16 @@ def tune_model(spec: str, method: str, *, batch: int, image_size: int, dtype: to
 
     device = device or _device()
     torch.manual_seed(seed)
-    base = load_model(spec)
-    model = copy.deepcopy(base)
+    model = load_model(spec)  # a fresh model (or a copy of the user's instance): patched in place below
+    shape = input_shape(model, batch, image_size)
     filter_fn = (lambda module, name: True) if all_layers else None
-    tritonslide.patch(model, method, filter_fn=filter_fn)
+    model = tritonslide.patch(model, method, filter_fn=filter_fn)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(input_shape(base, batch, image_size), generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     if x.dim() == 4:
         x = x.contiguous(memory_format=fmt)
     start = time.perf_counter()
