@@ -10,16 +10,20 @@ An ``ALSHConv2d`` (thesis defaults: L=3, K=5, top 5 buckets) built from every co
 - ``alsh``: the layer as it runs unlinked: the active set stays on the device as an index buffer and a count that
   the GEMM kernel reads, so the host never waits;
 - ``alsh_sync``: the same layer taking the exact set ``idx[:count]`` first, as linked layers do (the count is read
-  on the host: one device-to-host synchronization per layer and call).
+  on the host: one device-to-host synchronization per layer and call);
+- ``alsh_sample``: one active set per sample (``ALSHConfig.selection``, issue #15; what eval runs by default):
+  per-sample histograms, (N, O) index rows, the per-sample GEMM (kernels/sample_conv2d.py).
+
+``alsh`` and ``alsh_sync`` choose per batch (``selection="batch"``), as the thesis does.
 
 ``ratio_vs["alsh_sync"]`` of the ``alsh`` record is the price of that synchronization (the issue asks for it).
 Skipped without CUDA. Nothing here asserts a time.
 
-Scales (``--bench-scale``, bench/gpu.py): ``full`` as above (13 layers x 3 variants = 39 tests, the default
+Scales (``--bench-scale``, bench/gpu.py): ``full`` as above (13 layers x 4 variants = 52 tests, the default
 backend). ``quick``: VGG-11's 512->512 conv @28, the layer of the hash file's quick list (whose compiles and
-autotune keys the layer's hashing reuses), fp16 and bf16: 6 tests. ``dry``: one 16->16 3x3 layer on 2 x 16 x 8 x 8,
+autotune keys the layer's hashing reuses), fp16 and bf16: 8 tests. ``dry``: one 16->16 3x3 layer on 2 x 16 x 8 x 8,
 fp16 and fp32, on the CPU with the backend forced to ``triton`` (the default takes the torch path on CPU tensors),
-the kernels in Triton's interpreter: 6 tests.
+the kernels in Triton's interpreter: 8 tests.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from bench.utils import alexnet_features, conv_layer_inputs, vgg11_features
 
 NETS = {"alexnet": alexnet_features, "vgg11": vgg11_features}
 FULL_DTYPES = ("bf16",)
-VARIANTS = ("dense", "alsh", "alsh_sync")
+VARIANTS = ("dense", "alsh", "alsh_sync", "alsh_sample")
 CASES = [(f"{net}224-conv{name}", conv, shape) for net, build in NETS.items()
          for name, conv, shape in conv_layer_inputs(build(), 224)]
 # one layer: each dtype compiles the GEMM twice (with the device-side count, and for the exact set), ~21 s
@@ -105,6 +109,8 @@ def bench_cost(params: dict, scale: str) -> CaseCost:
         once = [compile_cost("hash", spec), tune_cost("hash", spec)]
         if variant == "alsh":
             once += [compile_cost("active_fwd", gemm + "|count"), tune_cost("active_fwd", f"{case}|count|{dtype}")]
+        elif variant == "alsh_sample":
+            once += [compile_cost("sample_fwd", gemm), tune_cost("sample_fwd", f"{case}|{dtype}")]
         else:
             once += [compile_cost("active_fwd", gemm + "|exact"), tune_cost("active_fwd", f"{case}|exact|{dtype}")]
     rounds, warmup = rounds_for(scale, (ROUNDS, WARMUP))
@@ -122,7 +128,9 @@ def test_alsh_layer(benchmark, bench_records, bench_device, bench_scale_name, ca
     if variant == "dense":
         layer = dense
     else:
-        layer = tritonslide.nn.ALSHConv2d.from_dense(dense, tritonslide.ALSHConfig(), name=case).eval()
+        selection = "sample" if variant == "alsh_sample" else "batch"
+        layer = tritonslide.nn.ALSHConv2d.from_dense(dense, tritonslide.ALSHConfig(selection=selection),
+                                                     name=case).eval()
         # _publish is what linking sets: the layer then materializes the exact set (reading its size on the host)
         layer._publish = variant == "alsh_sync"
     # dry: on CPU tensors the default backend takes the torch path, so the kernels are forced (they run in the
@@ -142,6 +150,6 @@ def test_alsh_layer(benchmark, bench_records, bench_device, bench_scale_name, ca
               "dtype": dtype, "backend": backend, "scale": bench_scale_name, **timing}
     if variant != "dense":
         layer._publish = False
-        record["compare_to"] = ["dense", "alsh_sync"] if variant == "alsh" else ["dense"]
+        record["compare_to"] = {"alsh": ["dense", "alsh_sync", "alsh_sample"]}.get(variant, ["dense"])
         record["active_fraction"] = layer.stats().active_fraction
     bench_records[benchmark.fullname] = record

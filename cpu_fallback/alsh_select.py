@@ -17,29 +17,34 @@ def torch_alsh_active_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Active filters of one ALSH step as ``(idx, count)``.
 
-    ``hist``: (L, 2**K) query histogram; ``filter_codes``: (O, L) code of every filter in every table.
-    ``idx`` is an (O,) int64 permutation of ``range(O)`` whose first ``count`` entries are the active filters in
-    ascending order (the rest are the inactive ones, also ascending); ``count`` is a 0-d int64 tensor on the same
-    device. Ties between equally frequent codes go to the lower code. When fewer than ``min_active`` filters
-    are active, the filters whose buckets collected the most query votes over all tables are added (ties to the
-    lower filter index).
+    ``hist``: (L, 2**K) query histogram, or (N, L, 2**K) per-sample histograms (one active set per sample);
+    ``filter_codes``: (O, L) code of every filter in every table. ``idx`` is an (O,) (or (N, O)) int64
+    permutation of ``range(O)`` whose first ``count`` entries are the active filters in ascending order (the rest
+    are the inactive ones, also ascending); ``count`` is a 0-d (or (N,)) int64 tensor on the same device. Ties
+    between equally frequent codes go to the lower code. When fewer than ``min_active`` filters are active, the
+    filters whose buckets collected the most query votes over all tables are added (ties to the lower filter
+    index). Every step is batched over the samples: no loop, no host synchronization.
     """
-    n_tables, n_buckets = hist.shape
+    single = hist.dim() == 2
+    h = hist.unsqueeze(0) if single else hist  # (N, L, B)
+    n, n_tables, n_buckets = h.shape
     n_filters = filter_codes.shape[0]
+    codes = filter_codes.T.unsqueeze(0).expand(n, n_tables, n_filters)  # (N, L, O)
     if top_buckets >= n_buckets:
-        active = torch.ones(n_filters, dtype=torch.bool, device=hist.device)
+        active = torch.ones(n, n_filters, dtype=torch.bool, device=hist.device)
     else:
-        rows = torch.arange(n_tables, device=hist.device)
-        top = torch.sort(hist, dim=1, descending=True, stable=True).indices[:, :top_buckets]
-        chosen = torch.zeros(n_tables, n_buckets, dtype=torch.bool, device=hist.device)
-        chosen.scatter_(1, top, True)
-        active = chosen[rows, filter_codes].any(1)
+        top = torch.sort(h, dim=2, descending=True, stable=True).indices[:, :, :top_buckets]
+        chosen = torch.zeros(n, n_tables, n_buckets, dtype=torch.bool, device=hist.device)
+        chosen.scatter_(2, top, True)
+        active = chosen.gather(2, codes).any(1)  # (N, O)
         # min_active without a host round trip: already-active filters rank first, then by their votes.
         k = min(min_active, n_filters)
         if k > 0:
-            votes = hist[rows, filter_codes].sum(1).to(torch.float64)
-            votes = votes + active.to(torch.float64) * (hist.sum() + 1)
-            active[torch.sort(votes, descending=True, stable=True).indices[:k]] = True  # ties: lower index
+            votes = h.gather(2, codes).sum(1).to(torch.float64)
+            votes = votes + active.to(torch.float64) * (h.sum((1, 2)) + 1)[:, None]
+            top_k = torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :k]  # ties: lower index
+            active.scatter_(1, top_k, True)
     # A stable sort of the inactive flags puts the active filters first, each group in ascending index order.
-    idx = torch.sort((~active).to(torch.uint8), stable=True).indices
-    return idx, active.sum()
+    idx = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices
+    count = active.sum(1)
+    return (idx[0], count[0]) if single else (idx, count)

@@ -20,8 +20,10 @@ def torch_hash_histogram(
     dilation: tuple[int, int] = (1, 1),
     in_idx: torch.Tensor | None = None,
     return_codes: bool = False,
+    per_sample: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Histogram (L, 2**bits) int64 of the codes of every patch of ``x`` (and the (N, L, H', W') codes).
+    """Histogram (L, 2**bits) int64 of the codes of every patch of ``x`` (and the (N, L, H', W') codes); with
+    ``per_sample`` one histogram per sample over its own patches, (N, L, 2**bits).
 
     ``planes`` is (L*bits, C, kh, kw); projection ``t*bits + j`` gives bit ``j`` of table ``t``. With ``in_idx``
     only those input channels are read (the result equals hashing ``x`` with the other channels zeroed).
@@ -47,8 +49,10 @@ def torch_hash_histogram(
     for j in range(1, bits):
         codes |= signs[:, :, j].to(torch.int32) << j
     n_buckets = 1 << bits
-    offsets = torch.arange(n_tables, device=x.device, dtype=torch.int32).view(1, n_tables, 1, 1) * n_buckets
-    hist = torch.bincount((codes + offsets).flatten(), minlength=n_tables * n_buckets).view(n_tables, n_buckets)
+    rows = n * n_tables if per_sample else n_tables  # one row of 2**bits counters per (sample,) table
+    offsets = torch.arange(rows, device=x.device, dtype=torch.int64).view(-1, n_tables, 1, 1) * n_buckets
+    hist = torch.bincount((codes + offsets).flatten(), minlength=rows * n_buckets)
+    hist = hist.view(n, n_tables, n_buckets) if per_sample else hist.view(n_tables, n_buckets)
     if return_codes:
         return hist, codes.to(torch.int64)
     return hist

@@ -26,6 +26,8 @@ _PLANNED = {
     "sketch_conv2d_backward": ("sketch", 6),
     "sketch_linear": ("sketch", 6),
     "sketch_linear_backward": ("sketch", 6),
+    "sample_conv2d": ("sample_conv2d", 15),
+    "sample_conv2d_backward": ("sample_conv2d", 15),
 }
 
 

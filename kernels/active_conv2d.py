@@ -26,6 +26,17 @@ each address and its padding mask are computed once per tap rather than once per
             dy tiles by the programs of tap 0 / channel block 0. x arrives as a zero-padded NHWC frame with a
             per-position row table, so the loop neither divides positions nor masks padding.
 
+Few input channels (``ROWS``, C_act < 16 with undilated columns: AlexNet's conv1 reads C = 3, a 6-byte pixel that
+no 16-byte vector covers and a tap chunk that is 13/16 padding), as the hash kernel's ROWS order does: x is copied
+once into a zero-padded NHWC frame with C_PAD = max(4, next_pow2(C)) channels (``_rows_frame``: 8-byte pixels in
+fp16 / bf16, 16-byte in fp32; rows 16-byte aligned) and the reduction of the forward runs over a kernel row's kw *
+C_PAD contiguous elements (d = r kw C_PAD + j, W as (O, kh kw C_PAD) rows, ``_rows_weight``), dW's columns are those
+kw * C_PAD elements of one kernel row (11 programs of 44 columns instead of 121 of 3 channels on conv1), and dX
+reads W with its channels zero-padded to 16 (the dot's N side). The zero channels meet zero weights: they never
+change a result. bench.aot (conv1, fp16 / bf16 / TF32, sm_80 / sm_90): every main loop loads by cp.async (8-byte
+x vectors, no 2-byte scalars), no spills, and the loop per K step is 0.6-1.0x a dense Triton GEMM's (forward), 1.1-
+1.5x (dW), 1.5-2.1x (dX: the strided transposed conv's per-row tap tests).
+
 ``out_count`` (a 0-d / 1-element int64 tensor on x's device) lets the ALSH layer choose its active set on the GPU
 without a host sync: ``out_idx`` then has a fixed length O and only its first ``out_count`` entries are used; the
 kernels launch over all O rows and the programs past the count exit without writing.
@@ -148,7 +159,9 @@ def _for_dtype(configs, args, ptr, gpu, fma):
 
 def _prune_fwd(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
-    return clamp_blocks(_for_dtype(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA), a["N_ACT"], a["C_ACT"])
+    # ROWS: the reduction is the kh * kw * C_PAD elements of a patch, not a tap's C_ACT channels
+    k_extent = a["KH"] * a["KW"] * a["C_PAD"] if a.get("ROWS") else a["C_ACT"]
+    return clamp_blocks(_for_dtype(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA), a["N_ACT"], k_extent)
 
 
 def _prune_dx(configs, nargs, **kwargs):
@@ -158,8 +171,10 @@ def _prune_dx(configs, nargs, **kwargs):
 
 def _prune_dw(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
-    # rows are BLOCK_M here: clamp them as the "N" extent; K (positions) is never small enough to matter.
-    out = clamp_blocks(_for_dtype(configs, a, "g_ptr", _DW_GPU, _DW_FMA), a["C_ACT"], a["R_ACT"], n_name="BLOCK_N",
+    # rows are BLOCK_M here: clamp them as the "N" extent; K (positions) is never small enough to matter. ROWS: the
+    # columns are a kernel row's kw * C_PAD elements
+    n_extent = a["KW"] * a["C_PAD"] if a.get("ROWS") else a["C_ACT"]
+    out = clamp_blocks(_for_dtype(configs, a, "g_ptr", _DW_GPU, _DW_FMA), n_extent, a["R_ACT"], n_name="BLOCK_N",
                        k_name="BLOCK_M")
     # split-K only where each split still has several K tiles to amortize its atomics over.
     k_red = a["K_RED"]
@@ -183,7 +198,7 @@ _GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "PRECISION"]
 
 @tuned(
     configs=_FWD_CONFIGS,
-    key=["M", "N_ACT", "C_ACT", "H", "W", "Y_CHANNELS_LAST"] + _GEOMETRY,
+    key=["M", "N_ACT", "C_ACT", "H", "W", "Y_CHANNELS_LAST", "ROWS"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_fwd},
     buckets=["N_ACT", "C_ACT"],
 )
@@ -197,13 +212,20 @@ def _active_conv2d_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, COMPACT_OUT: tl.constexpr, HAS_COUNT: tl.constexpr,
     Y_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1,
 ):
     """Alg. 4 (Feeney 2019): ``y[n, A_j, oh, ow] = b[A_j] + sum_{r, t, c} x[n, oh*s-p+r*d, ow*s-p+t*d, c] *
     W[A_j, r, t, c]`` for the active filters ``A = out_idx``, x holding the C_ACT active input channels (NHWC).
 
     One program: BLOCK_M output positions x BLOCK_N active filters; one flat loop over (tap, BLOCK_K channel chunk),
     so that the loads of step k+1 are in flight (cp.async / TMA-free multi-buffering) while step k multiplies even
-    when a tap has a single chunk."""
+    when a tap has a single chunk.
+
+    ``ROWS`` (few channels, ``_rows_frame``): x is the zero-padded (N, HP, WP, C_PAD) frame holding the padding,
+    row pitch ``sxh``, and W the (O, D_PAD) matrix of rows (kh, kw, C_PAD) (``_rows_weight``, row stride ``swo``).
+    The reduction runs over ``d = r * KW C_PAD + j``: the kw pixels of kernel row r are KW * C_PAD consecutive
+    elements of the frame, so a chunk is a few contiguous, C_PAD-aligned runs (vector loads) and no load has a
+    spatial mask; only the last, partial chunk is masked (peeled), so no element outside a patch is multiplied."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_ACT, BLOCK_N)
     # filter blocks vary fastest: the programs that run together share the same input tile (read once from HBM)
@@ -216,14 +238,12 @@ def _active_conv2d_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
+    if ROWS:
+        offs_m = tl.minimum(offs_m, M - 1)  # rows past M re-read the last position (in bounds); never stored
     ow = offs_m % WO
     t = offs_m // WO
     oh = t % HO
     nb = t // HO
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    # int64 batch offset: a batch of large images passes 2**31 elements; ih0 / iw0 may be -PH / -PW (masked)
-    x_pos = x_ptr + nb.to(tl.int64) * sxn + ih0 * sxh + iw0 * sxw
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_valid
@@ -232,21 +252,44 @@ def _active_conv2d_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    num_cc = tl.cdiv(C_ACT, BLOCK_K)
-    r = 0
-    s = 0
-    c0 = 0
-    for kk in range(0, KH * KW * num_cc):
-        ih = ih0 + r * DH
-        iw = iw0 + s * DW
-        valid = m_mask & inside(ih, H) & inside(iw, W)  # zero padding
-        k_mask = offs_k < C_ACT - c0
-        a = tl.load((x_pos + (r * DH * sxh + s * DW * sxw + c0))[:, None] + offs_k[None, :],
-                    mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load((w_rows + (r * swh + s * sww + c0))[None, :] + offs_k[:, None],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        r, s, c0 = next_step(r, s, c0, C_ACT, KW, BLOCK_K)
+    if ROWS:
+        ROW: tl.constexpr = KW * C_PAD
+        D_TOT: tl.constexpr = KH * ROW
+        FULL: tl.constexpr = D_TOT // BLOCK_K
+        # frame pixel (oh s, ow s) is tap (0, 0); the column offset is a multiple of the constant SW * C_PAD and the
+        # row pitch sxh a multiple of 16 (the launcher pads WP): the compiler sees C_PAD-aligned runs
+        x_pos = x_ptr + nb.to(tl.int64) * sxn + ((oh * SH) * sxh + ow * (SW * C_PAD))
+        for d0 in range(0, FULL * BLOCK_K, BLOCK_K):
+            d = d0 + offs_k
+            a = tl.load(x_pos[:, None] + ((d // ROW) * (DH * sxh) + d % ROW)[None, :])
+            b = tl.load(w_rows[None, :] + d[:, None], mask=n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if D_TOT % BLOCK_K != 0:
+            d = FULL * BLOCK_K + offs_k
+            d_ok = d < D_TOT
+            a = tl.load(x_pos[:, None] + ((d // ROW) * (DH * sxh) + d % ROW)[None, :], mask=d_ok[None, :], other=0.0)
+            b = tl.load(w_rows[None, :] + d[:, None], mask=n_mask[None, :], other=0.0)  # zero past D_TOT
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        ih0 = oh * SH - PH
+        iw0 = ow * SW - PW
+        # int64 batch offset: a batch of large images passes 2**31 elements; ih0 / iw0 may be -PH / -PW (masked)
+        x_pos = x_ptr + nb.to(tl.int64) * sxn + ih0 * sxh + iw0 * sxw
+        num_cc = tl.cdiv(C_ACT, BLOCK_K)
+        r = 0
+        s = 0
+        c0 = 0
+        for kk in range(0, KH * KW * num_cc):
+            ih = ih0 + r * DH
+            iw = iw0 + s * DW
+            valid = m_mask & inside(ih, H) & inside(iw, W)  # zero padding
+            k_mask = offs_k < C_ACT - c0
+            a = tl.load((x_pos + (r * DH * sxh + s * DW * sxw + c0))[:, None] + offs_k[None, :],
+                        mask=valid[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load((w_rows + (r * swh + s * sww + c0))[None, :] + offs_k[:, None],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            r, s, c0 = next_step(r, s, c0, C_ACT, KW, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + o_w, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -273,6 +316,7 @@ def _active_conv2d_bwd_dx_kernel(
     DH: tl.constexpr, DW: tl.constexpr,
     SCATTER_IN: tl.constexpr, HAS_COUNT: tl.constexpr, DX_CHANNELS_LAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_LD: tl.constexpr = 0,
 ):
     """Alg. 5 (Feeney 2019), ``dI`` through the active filters only: the transposed convolution
 
@@ -281,7 +325,11 @@ def _active_conv2d_bwd_dx_kernel(
     where a term exists only when both quotients are exact and inside the output. dy holds the active filters'
     channels only (R_ACT of them, NHWC) and W their rows only, in the same order, each with the active input
     channels (C_ACT, innermost): the launcher compacts both, so no index is read in the loop. One program:
-    BLOCK_M input positions x BLOCK_N active input channels; one flat loop over (tap, BLOCK_K filter chunk)."""
+    BLOCK_M input positions x BLOCK_N active input channels; one flat loop over (tap, BLOCK_K filter chunk).
+
+    ``C_LD`` > 0 (few channels): W's channel axis is zero-padded to C_LD, a multiple of 16, so that its rows load as
+    16-byte vectors without a channel mask (C_ACT = 3 channels are 6 bytes: 2-byte scalar loads otherwise); the
+    padding channels are computed as zeros and never stored."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_ACT, BLOCK_N)
     pid_n = pid % num_n
@@ -301,6 +349,10 @@ def _active_conv2d_bwd_dx_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_n < C_ACT
+    if C_LD > 0:
+        c_read = offs_n < C_LD  # constant over 16 columns: vectors
+    else:
+        c_read = c_mask
     w_cols = w_ptr + offs_n
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -321,18 +373,22 @@ def _active_conv2d_bwd_dx_kernel(
             valid = m_mask & inside(th, HO) & inside(tw, WO)
             g_rows = g_pos - (r * DH * sgh + s * DW * sgw)
         else:
-            oh = th // SH
-            ow = tw // SW
-            # th < 0 is masked first, so C-style truncating division of negatives never matters
-            valid = m_mask & (th >= 0) & (tw >= 0) & (oh < HO) & (ow < WO)
+            # unsigned: a negative th wraps to a value whose quotient fails the bound test, so there is no sign test
+            # and a power-of-two stride divides by a shift and tests the remainder with a mask (sm_90, conv1 stride
+            # 4: -7 SASS instructions per step against signed // and %)
+            thu = th.to(tl.uint32, bitcast=True)
+            twu = tw.to(tl.uint32, bitcast=True)
+            ohu = thu // SH
+            owu = twu // SW
+            valid = m_mask & (ohu < HO) & (owu < WO)
             if SH > 1:
-                valid = valid & ((th % SH) == 0)
+                valid = valid & ((thu % SH) == 0)
             if SW > 1:
-                valid = valid & ((tw % SW) == 0)
-            g_rows = g_img + oh * sgh + ow * sgw
+                valid = valid & ((twu % SW) == 0)
+            g_rows = g_img + ohu.to(tl.int32, bitcast=True) * sgh + owu.to(tl.int32, bitcast=True) * sgw
         a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None] & a_mask[None, :], other=0.0)
         b = tl.load((w_cols + (r * swh + s * sww + k0 * swo))[None, :] + (offs_k * swo)[:, None],
-                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+                    mask=k_mask[:, None] & c_read[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         r, s, k0 = next_step(r, s, k0, r_valid, KW, BLOCK_K)
 
@@ -344,7 +400,7 @@ def _active_conv2d_bwd_dx_kernel(
 
 @tuned(
     configs=_DW_CONFIGS,
-    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION"],
+    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION", "ROWS"],
     prune_configs_by={"early_config_prune": _prune_dw},
     buckets=["R_ACT", "C_ACT"],
 )
@@ -355,6 +411,7 @@ def _active_conv2d_bwd_dw_kernel(
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1,
 ):
     """Alg. 5 (Feeney 2019), the update of the active rows only:
 
@@ -371,17 +428,32 @@ def _active_conv2d_bwd_dw_kernel(
 
     One program: BLOCK_M active filters x BLOCK_N active input channels of one tap, over a 1/SPLIT_K slice of the
     N*H'*W' reduction; slices meet through fp32 atomics in the fp32 buffers ``dw_ptr`` (full (O, C, kh, kw)
-    layout) and ``db_ptr``, zeroed by the config's pre_hook."""
+    layout) and ``db_ptr``, zeroed by the config's pre_hook.
+
+    ``ROWS`` (few channels): the frame has C_PAD channels (``_rows_frame``, zeros past C_ACT) and a program's columns
+    are BLOCK_N of the KW * C_PAD contiguous elements of one kernel row r (column j = tap column t * C_PAD + channel
+    c), not the channels of one tap: a row of the x tile is a contiguous, C_PAD-aligned run (vector loads;
+    ``row * C_PAD`` with the constant C_PAD keeps the alignment provable), and conv1's 121 taps of 3 channels become
+    11 rows of 44 columns. The epilogue splits j into (t, c) and drops the padding channels. The frame has a zero
+    image after the N and ``rows_ptr`` is padded with its first pixel to a multiple of 128 positions (of every
+    BLOCK_K; ``_padded_rows``), so the x loads of the last, partial K tile read zeros and carry no position mask
+    (dy's are masked): the per-vector predicates of both masks cost ~4 SASS instructions per 8-byte cp.async."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(R_ACT, BLOCK_M)
     num_cb = tl.cdiv(C_ACT, BLOCK_N)
+    if ROWS:
+        num_cb = tl.cdiv(KW * C_PAD, BLOCK_N)
     pid_m = pid % num_m  # row blocks vary fastest: they share the x tile of this (tap, channel block)
     pid_tc = pid // num_m
     tap = pid_tc // num_cb
     cb = pid_tc % num_cb
-    r = tap // KW
-    s = tap % KW
+    if ROWS:  # "tap" is the kernel row
+        r = tap
+        s = 0
+    else:
+        r = tap // KW
+        s = tap % KW
     r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
     if HAS_COUNT:
         if pid_m * BLOCK_M >= r_valid:
@@ -391,8 +463,15 @@ def _active_conv2d_bwd_dw_kernel(
     m_mask = offs_m < r_valid  # rows stored
     m_read = offs_m < R_ACT  # rows read: dy's allocated channels (the padding rows of out_count are never stored)
     offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = offs_n < C_ACT
     tap_row = r * DH * WP + s * DW  # frame rows from tap (0, 0) to tap (r, s)
+    if ROWS:
+        tl.static_assert(128 % BLOCK_K == 0)  # the padded row table ends on a multiple of 128 positions
+        c_read = offs_n < KW * C_PAD
+        x_cols = tap_row * C_PAD + offs_n
+        c_mask = c_read & (offs_n % C_PAD < C_ACT)  # stored: the real channels
+    else:
+        c_mask = offs_n < C_ACT
+        c_read = c_mask
 
     k_per_split = tl.cdiv(tl.cdiv(K_RED, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
@@ -411,9 +490,13 @@ def _active_conv2d_bwd_dw_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_mask = offs_k < k_hi - k0
         a = tl.trans(tl.load(g_ptrs, mask=k_mask[:, None] & m_read[None, :], other=0.0))
-        rows = tl.load(rows_ptr + k0 + offs_k, mask=k_mask, other=0) + tap_row
-        b = tl.load(x_ptr + (rows * sx)[:, None] + offs_n[None, :],
-                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        if ROWS:  # the table is padded past K_RED with the zero image: no position mask on x (see the docstring)
+            rows = tl.load(rows_ptr + k0 + offs_k)
+            b = tl.load(x_ptr + (rows * C_PAD)[:, None] + x_cols[None, :], mask=c_read[None, :], other=0.0)
+        else:
+            rows = tl.load(rows_ptr + k0 + offs_k, mask=k_mask, other=0) + tap_row
+            b = tl.load(x_ptr + (rows * sx)[:, None] + offs_n[None, :],
+                        mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             if pid_tc == 0:  # db once per row block: only the programs of tap 0 / channel block 0 sum dy
@@ -421,8 +504,12 @@ def _active_conv2d_bwd_dw_kernel(
         g_ptrs += BLOCK_K * sg
 
     o_w = load_index(out_idx_ptr, offs_m, m_mask, HAS_OUT_IDX)
-    c_w = load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
-    dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (c_w * sdc)[None, :] + r * sdh + s * sdw
+    if ROWS:
+        c_w = load_index(in_idx_ptr, offs_n % C_PAD, c_mask, HAS_IN_IDX)
+        dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (c_w * sdc + (offs_n // C_PAD) * sdw)[None, :] + r * sdh
+    else:
+        c_w = load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
+        dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (c_w * sdc)[None, :] + r * sdh + s * sdw
     tl.atomic_add(dw_ptrs, acc, mask=m_mask[:, None] & c_mask[None, :])
     if HAS_BIAS:
         if pid_tc == 0:
@@ -499,6 +586,72 @@ def _position_rows(n: int, ho: int, wo: int, hp: int, wp: int, wide: bool, strid
     return rows.reshape(-1).to(torch.int64 if wide else torch.int32)
 
 
+@lru_cache(maxsize=32)
+def _padded_rows(n: int, ho: int, wo: int, hp: int, wp: int, wide: bool, stride: tuple[int, int], length: int,
+                 device: torch.device) -> torch.Tensor:
+    """``_position_rows`` padded to ``length`` entries with the first pixel of image n, the zero image of
+    ``_rows_frame(..., zero_image=True)``: the ROWS tables of the dW / dA kernels, whose x loads then need no
+    position mask past the end of the reduction. Built once per geometry and device."""
+    rows = _position_rows(n, ho, wo, hp, wp, wide, stride, device)
+    pad = torch.full((length - rows.numel(),), n * hp * wp, dtype=rows.dtype, device=device)
+    return torch.cat([rows, pad])
+
+
+# Channels below which the kernels reduce over kernel-row segments (``ROWS``): a pixel of C < 16 half-precision
+# channels is not a whole number of 16-byte vectors, and a tap-major chunk of C channels would be mostly padding
+# (AlexNet conv1: 3 of 16). The same bound as the hash kernel's ROWS order.
+ROWS_MAX_CHANNELS = 16
+# Row pitch of the ROWS weight matrices: a multiple of every BLOCK_K, so that the peeled last chunk reads zeros.
+_ROWS_ALIGN = 128
+
+
+def rows_mode(c_act: int, dilation: tuple[int, int]) -> bool:
+    """Whether the ROWS reduction applies: few channels, and undilated columns (a kernel row's kw pixels must be
+    adjacent in the frame for its segment to be contiguous)."""
+    return 0 < c_act < ROWS_MAX_CHANNELS and dilation[1] == 1
+
+
+def rows_channels(c: int) -> int:
+    """C_PAD: channels padded to a power of two >= 4, so that every pixel of the frame starts on an 8-byte (fp16 /
+    bf16) or 16-byte (fp32) boundary and a kernel-row segment loads as vectors of C_PAD elements. (C_PAD 8 would give
+    16-byte vectors in fp16 at twice the MMA work for C = 3; cp.async takes 8-byte vectors as well.)"""
+    return max(4, triton.next_power_of_2(c))
+
+
+def _rows_frame(x: torch.Tensor, idx: torch.Tensor | None, padding: tuple[int, int], c_pad: int,
+                zero_image: bool = False) -> torch.Tensor:
+    """x (N, C, H, W), any memory format, as one dense zero-padded NHWC frame (N, H + 2 ph, WP, C_PAD) holding the
+    channels ``idx`` (all when None) in order, the rest zero; WP >= W + 2 pw and WP * C_PAD a multiple of 16, so that
+    every frame row starts 16-byte aligned and the kernels' ``row * pitch`` keeps that provable. The zero channels
+    multiply zero weights: finite products, so they never change a result (a non-finite pixel still reaches only
+    the patches that hold it). One copy (an NCHW input needs a conversion pass anyway). ``zero_image``: one more
+    image of zeros after the N (N + 1 images), which padding entries of a position-row table can point at."""
+    n, _, h, w = x.shape
+    ph, pw = padding
+    wp = w + 2 * pw
+    wp += -wp % max(1, 16 // c_pad)
+    frame = x.new_zeros(n + int(zero_image), h + 2 * ph, wp, c_pad)
+    src = x.permute(0, 2, 3, 1)
+    if idx is not None:
+        src = src.index_select(3, idx)
+    frame[:n, ph:ph + h, pw:pw + w, :src.shape[3]] = src
+    return frame
+
+
+def _rows_weight(weight: torch.Tensor, idx: torch.Tensor | None, c_pad: int) -> torch.Tensor:
+    """(O, C, kh, kw) weights as the (O, D_PAD) matrix whose row o is W[o] in (kh, kw, C_PAD) order (channels ``idx``
+    first, zero channels after), zero past kh*kw*C_PAD up to a multiple of ``_ROWS_ALIGN`` (aligned rows; the
+    forward's peeled last chunk reads zeros there). Small: O * D_PAD elements, built per call."""
+    o, _, kh, kw = weight.shape
+    d_tot = kh * kw * c_pad
+    wk = weight.new_zeros(o, triton.cdiv(d_tot, _ROWS_ALIGN) * _ROWS_ALIGN)
+    src = weight.permute(0, 2, 3, 1)
+    if idx is not None:
+        src = src.index_select(3, idx)
+    wk[:, :d_tot].view(o, kh, kw, c_pad)[..., :src.shape[3]] = src
+    return wk
+
+
 def active_conv2d_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -544,11 +697,21 @@ def active_conv2d_forward(
         return y
 
     m = n * ho * wo
-    # kernel operands: NHWC x holding only the active input channels (in in_idx order), W as (O, kh, kw, C_act)
-    xk = activations_channels_last(x)
-    if in_idx is not None and not compact_input:
-        xk = take_channels(xk, in_idx)
-    wk = channels_inner(weight) if in_idx is None else take_channels(weight, in_idx)
+    rows = rows_mode(c_act, dilation)
+    c_pad = rows_channels(c_act) if rows else 1
+    if rows:
+        # few channels: the zero-padded frame of the active channels and W as (O, kh kw C_PAD) rows (ROWS order)
+        x_idx = in_idx if in_idx is not None and not compact_input else None
+        xk = _rows_frame(x, x_idx, padding, c_pad)
+        wk = _rows_weight(weight, in_idx, c_pad)
+        sx, sw = (xk.stride(0), xk.stride(1), xk.stride(2)), (wk.stride(0), 0, 0)
+    else:
+        # kernel operands: NHWC x holding only the active input channels (in in_idx order), W as (O, kh, kw, C_act)
+        xk = activations_channels_last(x)
+        if in_idx is not None and not compact_input:
+            xk = take_channels(xk, in_idx)
+        wk = channels_inner(weight) if in_idx is None else take_channels(weight, in_idx)
+        sx, sw = (xk.stride(0), xk.stride(2), xk.stride(3)), (wk.stride(0), wk.stride(2), wk.stride(3))
     idx = _int32(out_idx)
     dummy = wk
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_act, meta["BLOCK_N"]),)  # noqa: E731
@@ -556,10 +719,11 @@ def active_conv2d_forward(
         xk, wk, bias if bias is not None else dummy, y, idx if idx is not None else dummy,
         count if count is not None else dummy,
         m, n_act, c_act, x.shape[2], x.shape[3], ho, wo,
-        xk.stride(0), xk.stride(2), xk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *y.stride(),
+        *sx, *sw, *y.stride(),
         **_geometry(weight, stride, padding, dilation),
         HAS_BIAS=bias is not None, HAS_OUT_IDX=idx is not None, COMPACT_OUT=bool(compact_output),
         HAS_COUNT=count is not None, Y_CHANNELS_LAST=is_channels_last(y), PRECISION=dot_precision(x.dtype),
+        ROWS=rows, C_PAD=c_pad,
     )
     return y
 
@@ -612,7 +776,12 @@ def active_conv2d_backward(
             # W's active rows (in out_idx order, padding rows of out_count included) with the active channels:
             # n_act * c_act * kh * kw elements, small next to the GEMM, and the loop then reads no index
             w_rows = weight if out_idx is None else weight.index_select(0, out_idx)
-            if in_idx is not None:
+            c_ld = 0
+            if c_act < ROWS_MAX_CHANNELS:
+                # few channels: W's channel axis zero-padded to 16 (vector loads of the dot's N side)
+                c_ld = triton.cdiv(c_act, 16) * 16
+                wk = take_channels(w_rows, in_idx, c_ld)
+            elif in_idx is not None:
                 wk = take_channels(w_rows, in_idx)
             elif out_idx is not None:
                 wk = w_rows.contiguous(memory_format=torch.channels_last)
@@ -625,7 +794,7 @@ def active_conv2d_backward(
                 m, c_act, n_act, x.shape[2], x.shape[3], ho, wo,
                 gk.stride(0), gk.stride(2), gk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(),
                 **geometry, SCATTER_IN=scatter, HAS_COUNT=count is not None,
-                DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec,
+                DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec, C_LD=c_ld,
             )
 
     fused_db = False
@@ -634,26 +803,40 @@ def active_conv2d_backward(
         # the config pre_hook zeroes both buffers before every launch (autotuning included)
         dw32 = (torch.zeros if empty else torch.empty)(weight.shape, dtype=torch.float32, device=weight.device)
         if not empty:
-            db32 = torch.empty(o, dtype=torch.float32, device=weight.device) if need_b else dw32
             kh, kw = weight.shape[-2:]
             k_red = n * ho * wo
+            rows_dw = rows_mode(c_act, dilation)
+            # db fused into the dW loop (a dot of the dy tile with a ones column, in the programs of tap 0), except
+            # with ROWS: there the torch sum below reads dy once more instead, about what the fused dot's programs
+            # add (1 of kh kernel rows), and the loop of every program loses 12 of 97 SASS instructions per step (the
+            # dot, its ones tile, the branch; sm_90, conv1, 16x64x32 / 4 warps)
+            fuse_b = need_b and not rows_dw
+            db32 = torch.empty(o, dtype=torch.float32, device=weight.device) if fuse_b else dw32
+            c_pad = rows_channels(c_act) if rows_dw else 1
+            # ROWS: the program's columns are a kernel row's kw * C_PAD elements, kh rows; else one tap's channels
+            taps, n_extent = (kh, kw * c_pad) if rows_dw else (kh * kw, c_act)
 
             def grid(meta):
-                tiles = triton.cdiv(n_act, meta["BLOCK_M"]) * kh * kw * triton.cdiv(c_act, meta["BLOCK_N"])
+                tiles = triton.cdiv(n_act, meta["BLOCK_M"]) * taps * triton.cdiv(n_extent, meta["BLOCK_N"])
                 return (tiles, meta["SPLIT_K"])
 
-            xk = take_channels(x, in_idx) if in_idx is not None and not compact_input else x
-            frame = _padded_frame(xk, padding)
-            rows = _position_rows(n, ho, wo, frame.shape[1], frame.shape[2], frame.numel() >= 2**31, tuple(stride),
-                                  x.device)
+            x_idx = in_idx if in_idx is not None and not compact_input else None
+            if rows_dw:
+                frame = _rows_frame(x, x_idx, padding, c_pad, zero_image=True)
+                rows = _padded_rows(n, ho, wo, frame.shape[1], frame.shape[2], frame.numel() >= 2**31, tuple(stride),
+                                    triton.cdiv(k_red, 128) * 128, x.device)
+            else:
+                frame = _padded_frame(take_channels(x, x_idx) if x_idx is not None else x, padding)
+                rows = _position_rows(n, ho, wo, frame.shape[1], frame.shape[2], frame.numel() >= 2**31,
+                                      tuple(stride), x.device)
             _active_conv2d_bwd_dw_kernel[grid](
                 gk, frame, rows, dw32, db32, o_idx if o_idx is not None else dummy,
                 i_idx if i_idx is not None else dummy, count_arg, k_red, n_act, c_act, frame.shape[2],
-                gk.shape[1], c_act, *dw32.stride(), KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
-                HAS_BIAS=need_b, HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
-                HAS_COUNT=count is not None, PRECISION=prec,
+                gk.shape[1], frame.shape[3], *dw32.stride(), KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
+                HAS_BIAS=fuse_b, HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
+                HAS_COUNT=count is not None, PRECISION=prec, ROWS=rows_dw, C_PAD=c_pad,
             )
-            if need_b:
+            if fuse_b:
                 db, fused_db = db32.to(weight.dtype), True
         dw = dw32.to(weight.dtype)
 

@@ -14,7 +14,10 @@ sign, a bit packing and a bincount: four passes and an (N, L*K, H', W') intermed
    table out of it (optionally storing the codes),
 3. counts its codes per table, then adds them to the global histogram: a per-program histogram
    (``tl.histogram``) and one atomic add per non-empty bucket when ``2**K`` is small, one atomic add per
-   position otherwise (a per-program table of ``2**K`` counters stops fitting in registers).
+   position otherwise (a per-program table of ``2**K`` counters stops fitting in registers). With ``per_sample``
+   (issue #15: an active set per sample) each image has its own (L, 2**K) histogram: a tile inside one image adds
+   its per-program histogram there, a tile spanning images (tap-major order, maps smaller than a tile) adds one
+   count per position into its position's image.
 
 Layout (issue #12): activations are read channels_last (NHWC; the launcher converts an NCHW input once) and the
 planes with channels innermost, so the reduction axis is contiguous in both operands and the operands arrive by
@@ -122,7 +125,7 @@ def _prune_configs(configs, nargs, **kwargs):
 
 @tuned(
     configs=autotune_configs(_CONFIGS, _INTERPRETER_CONFIG),
-    key=["M", "C_READ", "P", "N_BUCKETS", "KH", "KW", "SH", "HO", "WO", "ROWS", "PRECISION"],
+    key=["M", "C_READ", "P", "N_BUCKETS", "KH", "KW", "SH", "HO", "WO", "ROWS", "PRECISION", "PER_SAMPLE"],
     prune_configs_by={"early_config_prune": _prune_configs},
     buckets=["C_READ"],
     reset_to_zero=["hist_ptr"],  # autotuning runs the kernel once per config: the atomics must start from zero
@@ -138,7 +141,7 @@ def _hash_histogram_fwd_kernel(
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BITS: tl.constexpr, TABLES: tl.constexpr, N_BUCKETS: tl.constexpr, BLOCK_P: tl.constexpr,
     ROWS: tl.constexpr, C_PAD: tl.constexpr, C_CONST: tl.constexpr,
-    WRITE_CODES: tl.constexpr, LOCAL_HIST: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_CODES: tl.constexpr, LOCAL_HIST: tl.constexpr, PRECISION: tl.constexpr, PER_SAMPLE: tl.constexpr,
     HO: tl.constexpr, WO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # x: (N, H, W, C) with unit channel stride (sxc == 1); planes: (P, KH, KW, C) with unit channel stride.
@@ -265,6 +268,19 @@ def _hash_histogram_fwd_kernel(
     if ONE_WORD:
         word = tl.sum(tl.where(acc >= 0, (1 << offs_p)[None, :], 0), axis=1)
     n_invalid = BLOCK_M - tl.sum(m_ok.to(tl.int32), axis=0)
+    # PER_SAMPLE: one (TABLES, N_BUCKETS) histogram per image, at hist_ptr + image * HIST_N. A ROWS tile lies in one
+    # image (n is a scalar); a tap-major tile may span images: it keeps its per-program histogram only when all its
+    # positions are in one image (a runtime test per tile: the usual case for maps larger than BLOCK_M), else it
+    # adds one count per position into its own image's histogram.
+    HIST_N: tl.constexpr = TABLES * N_BUCKETS
+    hist_img = hist_ptr
+    if PER_SAMPLE:
+        if ROWS:
+            hist_img = hist_ptr + n * HIST_N
+        else:
+            first = (pid * BLOCK_M) // hw
+            one_image = first == (tl.minimum(pid * BLOCK_M + BLOCK_M, M) - 1) // hw
+            hist_img = hist_ptr + first.to(tl.int64) * HIST_N
     for t in tl.static_range(TABLES):
         if ONE_WORD:
             code = (word >> (t * BITS)) & (N_BUCKETS - 1)
@@ -273,15 +289,22 @@ def _hash_histogram_fwd_kernel(
             code = tl.sum(tl.where((acc >= 0) & in_t[None, :], (1 << (offs_p % BITS))[None, :], 0), axis=1)
         if WRITE_CODES:
             tl.store(codes_ptr + n * scn + t * sct + sp, code.to(tl.int64), mask=m_ok)
+        ones = tl.full((BLOCK_M,), 1, dtype=tl.int32)
         if LOCAL_HIST:
             # Positions past M are counted in bucket 0 by tl.histogram (their code is forced to 0), then removed.
             buckets = tl.arange(0, N_BUCKETS)
             local = tl.histogram(tl.where(m_ok, code, 0), N_BUCKETS)
             local = local - tl.where(buckets == 0, n_invalid, 0)
-            tl.atomic_add(hist_ptr + t * N_BUCKETS + buckets, local, mask=local > 0, sem="relaxed")
+            if PER_SAMPLE and not ROWS:
+                if one_image:
+                    tl.atomic_add(hist_img + t * N_BUCKETS + buckets, local, mask=local > 0, sem="relaxed")
+                else:
+                    tl.atomic_add(hist_ptr + n * HIST_N + t * N_BUCKETS + code, ones, mask=m_ok, sem="relaxed")
+            else:
+                tl.atomic_add(hist_img + t * N_BUCKETS + buckets, local, mask=local > 0, sem="relaxed")
         else:
-            ones = tl.full((BLOCK_M,), 1, dtype=tl.int32)
-            tl.atomic_add(hist_ptr + t * N_BUCKETS + code, ones, mask=m_ok, sem="relaxed")
+            hist_pos = hist_ptr + n * HIST_N if PER_SAMPLE else hist_ptr  # n: this position's image
+            tl.atomic_add(hist_pos + t * N_BUCKETS + code, ones, mask=m_ok, sem="relaxed")
 
 
 # Row pitch of the ROWS planes matrix: a multiple of every BLOCK_D, so any chunk reads inside the zero-padded row.
@@ -325,10 +348,13 @@ def hash_histogram_forward(
     dilation: tuple[int, int] = (1, 1),
     in_idx: torch.Tensor | None = None,
     return_codes: bool = False,
+    per_sample: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launcher of :func:`_hash_histogram_fwd_kernel`; the same contract as ``torch_hash_histogram``.
 
-    Returns the (L, 2**bits) int64 histogram, and the (N, L, H', W') int64 codes when ``return_codes``.
+    Returns the (L, 2**bits) int64 histogram, and the (N, L, H', W') int64 codes when ``return_codes``. With
+    ``per_sample`` the histogram is (N, L, 2**bits): row n counts the codes of sample n's patches only (issue #15:
+    per-sample active sets), so that its sum over n is the batch histogram.
     Arguments are checked by ``tritonslide.ops.hash_histogram``; ``x`` may be NCHW or channels_last (channels_last
     is read in place; NCHW is converted once).
     """
@@ -341,14 +367,14 @@ def hash_histogram_forward(
         raise ValueError(f"tritonslide.ops.hash_histogram: {m} patches exceed the kernel's int32 counters")
     c_read = c if in_idx is None else in_idx.numel()
     n_buckets = 1 << bits
-    hist = torch.zeros(n_tables, n_buckets, dtype=torch.int32, device=x.device)
+    hist = torch.zeros((n,) * per_sample + (n_tables, n_buckets), dtype=torch.int32, device=x.device)
     codes = None
     if return_codes:
         codes = torch.empty(n, n_tables, ho, wo, dtype=torch.int64, device=x.device)
     if m == 0 or c_read == 0:
         # Empty batch: no patches. No channels read: every projection is 0, so every code is all ones (0 >= 0).
         if c_read == 0 and m > 0:
-            hist[:, n_buckets - 1] = m
+            hist[..., n_buckets - 1] = ho * wo if per_sample else m
             if codes is not None:
                 codes.fill_(n_buckets - 1)
         hist = hist.to(torch.int64)
@@ -387,7 +413,7 @@ def hash_histogram_forward(
         SH=stride[0], SW=stride[1], DH=dilation[0], KH=kh, KW=kw, BITS=bits, TABLES=n_tables, N_BUCKETS=n_buckets,
         BLOCK_P=block_p, ROWS=rows, C_PAD=c_pad,
         WRITE_CODES=codes is not None, LOCAL_HIST=n_buckets <= LOCAL_HIST_MAX_BUCKETS,
-        PRECISION=dot_precision(x.dtype), HO=ho, WO=wo,
+        PRECISION=dot_precision(x.dtype), PER_SAMPLE=bool(per_sample), HO=ho, WO=wo,
         # C as a constant (its own compile, like kh and kw): the tap / channel split of a chunk column divides by it.
         C_CONST=0 if rows else c,
     )

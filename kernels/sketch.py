@@ -29,7 +29,11 @@ main loops arrives as 16-byte vectors / cp.async (or TMA-free wgmma operands fro
 
 Reductions over the im2col axis run tap-major wherever the channels fill a tile: an outer loop over the kh kw taps
 computes the row pointers and padding masks once per tap, the inner loop over channel (or r) chunks only advances
-pointers, as a dense GEMM's K loop does. With few channels (AlexNet conv1, C = 3) K is flattened and gathered.
+pointers, as a dense GEMM's K loop does. With few channels (C < 16, AlexNet conv1: C = 3) the forward and dA run in
+the ROWS order of ``active_conv2d`` / the hash kernel: x copied once into a zero-padded NHWC frame of C_PAD =
+max(4, next_pow2(C)) channels and K ordered as kernel-row segments (kh x (kw C_PAD), contiguous in the frame), so
+the x tiles load as 8-byte (fp16) / 16-byte (fp32) cp.async vectors without spatial masks; dX reads A with its
+channels padded to 16. (Flattened, gathered K remains for column-dilated convs with C < 16 and tap-major-unfit C.)
 
 Kernels (STYLE practice 1: ``_<op>_fwd_kernel`` -> launchers ``<op>_forward`` / ``<op>_backward``):
 
@@ -82,6 +86,7 @@ from ._common import (
     next_pow2,
 )
 from ._gemm import config_factory, four_byte, fp32_fma, positions, prune_by_dot
+from .active_conv2d import _padded_rows, _rows_frame, _rows_weight, rows_channels, rows_mode
 
 # Largest r tile kept in registers. 128 fp32 columns x BLOCK_M 128 is the size of a standard GEMM accumulator; r in
 # {d/16, d/8, d/4} of the VGG / AlexNet layers (<= 128) then needs one chunk. Under the interpreter the tile is 16
@@ -142,18 +147,41 @@ def _dense_nhwc_strides(c: int, h: int, w: int) -> tuple[int, int, int]:
 @triton.jit
 def _z_chunk(x_ptr, a_ptr, x_row, ih0, iw0, m_mask, r0, C, H, W, R, sxh, sxw, dh, dw,
              KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+             ROWS: tl.constexpr, C_PAD: tl.constexpr):
     """z[m, r0:r0+BLOCK_R] = sum_k I_in[m, k] A[r, k] for the program's positions, in fp32.
 
     x is dense NHWC (``x_row`` = n * H W C), A is (r, kh, kw, C) (``k = tap C + c``). Tap-major: per tap the row
     pointers and the padding mask are computed once; the inner loop over channel chunks only advances both pointers
-    by BLOCK_K along contiguous channels, as a dense GEMM's K loop does (16-byte / cp.async loads)."""
+    by BLOCK_K along contiguous channels, as a dense GEMM's K loop does (16-byte / cp.async loads).
+
+    ``ROWS`` (C < 16): x is the zero-padded (N, HP, WP, C_PAD) frame holding the padding (``x_row``: the element of
+    position m's tap (0, 0), ``sxh`` the frame's row pitch) and A the (r, D_PAD) matrix of rows (kh, kw, C_PAD)
+    (``active_conv2d._rows_weight``); k = i * KW C_PAD + j runs over kernel-row segments, contiguous in the frame:
+    C_PAD-aligned vector loads, no spatial mask, only the last (peeled) chunk masked."""
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     offs_k = tl.arange(0, BLOCK_K)
     kk = KH * KW * C
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if TAP_MAJOR:
+    if ROWS:
+        ROW: tl.constexpr = KW * C_PAD
+        D_TOT: tl.constexpr = KH * ROW
+        D_PAD: tl.constexpr = (D_TOT + 127) // 128 * 128  # _rows_weight's row pitch
+        FULL: tl.constexpr = D_TOT // BLOCK_K
+        a_rows = a_ptr + offs_r * D_PAD
+        for d0 in range(0, FULL * BLOCK_K, BLOCK_K):
+            d = d0 + offs_k
+            xt = tl.load(x_ptr + x_row[:, None] + ((d // ROW) * (dh * sxh) + d % ROW)[None, :])
+            at = tl.load(a_rows[None, :] + d[:, None], mask=r_mask[None, :], other=0.0)
+            acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+        if D_TOT % BLOCK_K != 0:
+            d = FULL * BLOCK_K + offs_k
+            xt = tl.load(x_ptr + x_row[:, None] + ((d // ROW) * (dh * sxh) + d % ROW)[None, :],
+                         mask=(d < D_TOT)[None, :], other=0.0)
+            at = tl.load(a_rows[None, :] + d[:, None], mask=r_mask[None, :], other=0.0)  # zero past D_TOT
+            acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+    elif TAP_MAJOR:
         for tap in range(0, KH * KW):
             i = tap // KW
             j = tap - i * KW
@@ -203,16 +231,19 @@ _FWD_CONFIGS = autotune_configs(_FWD_TC + _FWD_FMA, _fwd_cfg(32, 16, 16, 4, 1))
 
 def _fwd_limits(cfg, args):
     kw = cfg.kwargs
+    rows = args.get("ROWS", False)
     if kw["BLOCK_M"] == 128 and cfg.num_warps == 4 and (
-            four_byte(args, "x_ptr") or not args["SINGLE_R"] or not args["TAP_MAJOR"]):
+            four_byte(args, "x_ptr") or not args["SINGLE_R"] or not (args["TAP_MAJOR"] or rows)):
         # 128 rows on 4 warps fit only the lean path: with TF32 operands (300 B), the r loop (88 B, fc6 r = 256) or
         # the flattened-K gathers (840 B, AlexNet conv1) they spill (bench.aot, sm_80 / sm_90)
         return False
+    if rows:  # the reduction is kh * kw * C_PAD long
+        return kw["BLOCK_K"] <= max(32, next_pow2(args["KH"] * args["KW"] * args["C_PAD"]))
     return kw["BLOCK_K"] <= max(32, next_pow2(args["C"])) if args["TAP_MAJOR"] else True
 
 
 @tuned(configs=_FWD_CONFIGS,
-       key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R", "PRECISION"],
+       key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R", "PRECISION", "ROWS"],
        prune_configs_by={"early_config_prune": prune_by_dot(_FWD_TC, _FWD_FMA, "x_ptr", _fwd_limits)},
        buckets=["OA"])
 @triton.jit
@@ -224,20 +255,26 @@ def _sketch_conv2d_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
     SINGLE_R: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1,
 ):
     """``z = conv2d(x, A)``, ``y[:, perm[:OA]] = z B[perm[:OA]]^T + bias``, ``y[:, perm[OA:]] = 0`` (eq. 2 / 4).
 
     x dense NHWC, A (r, kh, kw, C), B (O, r) row-major; y and z stored through their strides (x's memory format).
     ``perm`` (int32): the active channels first, then the inactive ones (identity without ``out_idx``).
+    ``ROWS``: x is the zero-padded frame and A the row matrix of :func:`_z_chunk`'s ROWS order (C < 16).
     """
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
+    if ROWS:
+        offs_m = tl.minimum(offs_m, M - 1)  # rows past M re-read the last position (in bounds), never stored
     n, oh, ow = positions(offs_m, OH, OW)
     x_row = n * sxn
     ih0 = oh * sh - ph
     iw0 = ow * sw - pw
+    if ROWS:  # the frame element of tap (0, 0): the padding is in the frame; a multiple of C_PAD
+        x_row = x_row + (oh * sh) * sxh + (ow * sw) * C_PAD
     y_pos = n * syn + oh * syh + ow * syw
     z_pos = n * szn + oh * szh + ow * szw
     out_ty = y_ptr.dtype.element_ty
@@ -246,7 +283,7 @@ def _sketch_conv2d_fwd_kernel(
 
     if SINGLE_R:
         z = _z_chunk(x_ptr, a_ptr, x_row, ih0, iw0, m_mask, 0, C, H, W, R, sxh, sxw, dh, dw,
-                     KH, KW, TAP_MAJOR, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                     KH, KW, TAP_MAJOR, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, ROWS, C_PAD)
         zc = z.to(out_ty)  # the backward and the torch path see z rounded to the input dtype: so does the 2nd GEMM
         r_mask = offs_rb < R
         tl.store(z_ptr + z_pos[:, None] + (offs_rb * szc)[None, :], zc,
@@ -255,7 +292,7 @@ def _sketch_conv2d_fwd_kernel(
         # Every program of an O split stores the same z rows (identical values): it reads them back itself below.
         for r0 in range(0, R, BLOCK_R):
             z = _z_chunk(x_ptr, a_ptr, x_row, ih0, iw0, m_mask, r0, C, H, W, R, sxh, sxw, dh, dw,
-                         KH, KW, TAP_MAJOR, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                         KH, KW, TAP_MAJOR, PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, ROWS, C_PAD)
             offs_r = r0 + offs_rb
             tl.store(z_ptr + z_pos[:, None] + (offs_r * szc)[None, :], z.to(out_ty),
                      mask=m_mask[:, None] & (offs_r < R)[None, :])
@@ -425,12 +462,14 @@ _DA_CONFIGS = autotune_configs(_DA_TC + _DA_TF32 + _DA_FMA, _da_cfg(16, 16, 32, 
 def _da_limits(cfg, args):
     kw = cfg.kwargs
     ok = kw["BLOCK_R"] <= max(64, next_pow2(args["R"]))
-    if args["TAP_MAJOR"]:
+    if args.get("ROWS"):
+        ok = ok and kw["BLOCK_K"] <= max(64, next_pow2(args["KH"] * args["KW"] * args["C_PAD"]))
+    elif args["TAP_MAJOR"]:
         ok = ok and kw["BLOCK_K"] <= max(64, next_pow2(args["C"]))
     return ok
 
 
-@tuned(configs=_DA_CONFIGS, key=["M", "C", "R", "SPLIT", "KH", "KW", "PRECISION"],
+@tuned(configs=_DA_CONFIGS, key=["M", "C", "R", "SPLIT", "KH", "KW", "PRECISION", "ROWS"],
        prune_configs_by={"early_config_prune": prune_by_dot(_DA_TC, _DA_FMA, "x_ptr", _da_limits, _DA_TF32)})
 @triton.jit
 def _sketch_conv2d_bwd_da_kernel(
@@ -439,6 +478,7 @@ def _sketch_conv2d_bwd_da_kernel(
     sxn, sxh, sxw, sh, sw, ph, pw, dh, dw,
     KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr, ROW_TABLE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1,
 ):
     """Partial ``dA[r, k] = sum_m dZ[m, r] I_in[m, k]`` over this split's positions (the conv weight gradient of
     (x, dZ) as an implicit GEMM), fp32 at ``[split]`` of (SPLIT, R, kh kw C) (A's kernel layout).
@@ -446,7 +486,15 @@ def _sketch_conv2d_bwd_da_kernel(
     Tap-major tiles (one tap, BLOCK_K channels): the im2col row of position m for the program's tap is the NHWC row
     ``rows[tap, m]`` (int32, -1 where the tap falls in the padding), a table built once per geometry by the launcher,
     so a step costs one int32 load per row instead of two integer divisions and four bound checks. ``ROW_TABLE``
-    False: 1x1, stride 1, no padding (SK-FC), where the row is m itself."""
+    False: 1x1, stride 1, no padding (SK-FC), where the row is m itself.
+
+    ``ROWS`` (C < 16): x is the zero-padded (N + 1, HP, WP, C_PAD) frame (row pitch ``sxh``, image N all zeros),
+    ``rows_ptr`` the frame pixel of each position's tap (0, 0) (``active_conv2d._position_rows``) padded to the
+    splits' end with image N's first pixel, and k runs over the kernel-row order k = i * KW C_PAD + j of
+    :func:`_z_chunk`'s ROWS (dA in (r, kh, kw, C_PAD), C_PAD-aligned contiguous runs). The column offsets and mask
+    of the program's k tile are computed once; each split's share is a multiple of 128 positions (of every
+    BLOCK_M), so a tile past the end of M is the last split's and reads zeros there: the x loads carry no position
+    mask (its per-vector predicates were 40 of 169 SASS instructions per step, sm_90, conv1, 64x128x32 / 4 warps)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -458,7 +506,23 @@ def _sketch_conv2d_bwd_da_kernel(
     m_end = tl.minimum(m_start + m_per_split, M)
     dz_ptrs = dz_ptr + offs_r[:, None] + ((m_start + offs_mb).to(tl.int64) * R)[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    if TAP_MAJOR:
+    if ROWS:
+        ROW: tl.constexpr = KW * C_PAD
+        kk = KH * ROW
+        koff = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = koff < kk
+        cols = (koff // ROW) * (dh * sxh) + koff % ROW
+        t_ptrs = rows_ptr + m_start + offs_mb
+        tl.static_assert(128 % BLOCK_M == 0)  # the launcher's split shares are multiples of 128 positions
+        for m0 in range(m_start, m_end, BLOCK_M):
+            mm = offs_mb < m_end - m0
+            row = tl.load(t_ptrs)  # past M: the zero image
+            xt = tl.load(x_ptr + (row * C_PAD)[:, None] + cols[None, :], mask=kmask[None, :], other=0.0)
+            dzt = tl.load(dz_ptrs, mask=r_mask[:, None] & mm[None, :], other=0.0)
+            acc = tl.dot(dzt, xt, acc, input_precision=PRECISION)
+            t_ptrs += BLOCK_M
+            dz_ptrs += BLOCK_M * R
+    elif TAP_MAJOR:
         ct = tl.cdiv(C, BLOCK_K)
         tap = pid_k // ct
         offs_c = (pid_k - tap * ct) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -530,11 +594,15 @@ def _sketch_conv2d_bwd_dx_kernel(
     sdn, sdc, sdh, sdw, sh, sw, ph, pw, dh, dw,
     KH: tl.constexpr, KW: tl.constexpr, UNIT_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    C_A: tl.constexpr = 0,
 ):
     """``dX[n, c, ih, iw] = sum_{i, j, r} dZ[n, oh, ow, r] A[r, i, j, c]`` over the taps with
     ``ih = oh s_h - p_h + i d_h`` (same for w): the transposed conv, gathered per input position. Tap-major: per tap
     the dZ row of every input position and its mask are computed once; the inner loop over r chunks advances the
-    pointers of dZ (M, r) and A (r, kh, kw, C) along contiguous axes."""
+    pointers of dZ (M, r) and A (r, kh, kw, C) along contiguous axes. ``C_A`` > 0 (C < 16): A's channel axis is
+    zero-padded to C_A (a multiple of 16, by the launcher), so its rows load as 16-byte vectors with a mask that is
+    constant over 16 channels (C = 3 channels are 6 bytes: 2-byte scalar loads otherwise); the padding channels are
+    computed as zeros and never stored."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -543,7 +611,13 @@ def _sketch_conv2d_bwd_dx_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     offs_rb = tl.arange(0, BLOCK_R)
-    kk = KH * KW * C
+    if C_A > 0:
+        ca = C_A
+        c_read = offs_c < C_A
+    else:
+        ca = C
+        c_read = c_mask
+    kk = KH * KW * ca
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for tap in range(0, KH * KW):
         i = tap // KW
@@ -562,11 +636,11 @@ def _sketch_conv2d_bwd_dx_kernel(
             ok = p_mask & (th >= 0) & (tw >= 0) & (oh * sh == thc) & (ow * sw == twc) & (oh < OH) & (ow < OW)
         m = (n * OH + oh) * OW + ow
         dz_ptrs = dz_ptr + (m * R)[:, None] + offs_rb[None, :]
-        a_ptrs = a_ptr + (offs_rb * kk)[:, None] + (tap * C + offs_c)[None, :]
+        a_ptrs = a_ptr + (offs_rb * kk)[:, None] + (tap * ca + offs_c)[None, :]
         for r0 in range(0, R, BLOCK_R):
             rm = offs_rb < R - r0
             dzt = tl.load(dz_ptrs, mask=ok[:, None] & rm[None, :], other=0.0)
-            at = tl.load(a_ptrs, mask=rm[:, None] & c_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=rm[:, None] & c_read[None, :], other=0.0)
             acc = tl.dot(dzt, at, acc, input_precision=PRECISION)
             dz_ptrs += BLOCK_R
             a_ptrs += BLOCK_R * kk
@@ -614,8 +688,16 @@ def _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z, kind=
     m = n * oh * ow
     if m == 0:
         return
-    x = activations_channels_last(x)
-    a = channels_inner(a)
+    rows = kind == "conv" and rows_mode(c, dilation)
+    c_pad = rows_channels(c) if rows else 1
+    if rows:  # C < 16: the zero-padded frame and A's (r, kh kw C_PAD) rows (ROWS order, see _z_chunk)
+        x = _rows_frame(x, None, padding, c_pad)
+        a = _rows_weight(a, None, c_pad)
+        sx = (x.stride(0), x.stride(1), x.stride(2))
+    else:
+        x = activations_channels_last(x)
+        a = channels_inner(a)
+        sx = _dense_nhwc_strides(c, h, w)
     b = b.contiguous()
     _check_numel(x, y, z)
     idx = _active(out_idx, o)
@@ -638,9 +720,10 @@ def _conv_forward(x, a, b, bias, out_idx, stride, padding, dilation, y, z, kind=
     _sketch_conv2d_fwd_kernel[grid](
         x, a, b, bias if bias is not None else b, perm if perm is not None else b, y, z,
         m, c, h, w, oh, ow, r, o, oa, o_split,
-        *_dense_nhwc_strides(c, h, w), *y.stride(), *z.stride(),
+        *sx, *y.stride(), *z.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw, TAP_MAJOR=_tap_major(c), HAS_BIAS=bias is not None, HAS_IDX=perm is not None,
+        ROWS=rows, C_PAD=c_pad,
         # fp32 IEEE (FMA dots) re-reads z in K chunks: a register z tile as the A operand of a K = BLOCK_R FMA dot
         # would spill
         SINGLE_R=r <= block_r and not fp32_fma(x.dtype, prec), BLOCK_R=block_r, PRECISION=prec,
@@ -724,37 +807,56 @@ def _conv_backward(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilat
             if m == 0:
                 da = torch.zeros_like(a)
             else:
-                xl = activations_channels_last(x)
                 tap_major = _tap_major(c)
-                identity = kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
-                rows = (_tap_rows(n, h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation), dev)
-                        if tap_major and not identity else None)
+                rows_k = kind == "conv" and rows_mode(c, dilation)
+                c_pad = rows_channels(c) if rows_k else 1
+                if rows_k:  # C < 16: the zero-padded frame, one row table of tap (0, 0) (ROWS, see the kernel)
+                    xl = _rows_frame(x, None, padding, c_pad, zero_image=True)
+                    _check_numel(xl)
+                    sx = (xl.stride(0), xl.stride(1), xl.stride(2))
+                    kk = kh * kw * c_pad
+                else:
+                    xl = activations_channels_last(x)
+                    identity = kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+                    rows = (_tap_rows(n, h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation), dev)
+                            if tap_major and not identity else None)
+                    sx = _dense_nhwc_strides(c, h, w)
                 split = _split(triton.cdiv(r, 64) * triton.cdiv(kk, 64), m, 256, dev)
                 per = triton.cdiv(m, split)
+                if rows_k:  # shares of whole 128-position blocks; the table padded to split * per (see the kernel)
+                    per = triton.cdiv(per, 128) * 128
+                    split = triton.cdiv(m, per)
+                    rows = _padded_rows(n, oh, ow, xl.shape[1], xl.shape[2], False, tuple(stride), split * per, dev)
                 part = torch.empty(split, r, kk, dtype=acc_t, device=dev)
 
                 def grid(meta):
-                    k_tiles = (kh * kw * triton.cdiv(c, meta["BLOCK_K"]) if tap_major
+                    k_tiles = (kh * kw * triton.cdiv(c, meta["BLOCK_K"]) if tap_major and not rows_k
                                else triton.cdiv(kk, meta["BLOCK_K"]))
                     return triton.cdiv(r, meta["BLOCK_R"]), k_tiles, split
 
                 _sketch_conv2d_bwd_da_kernel[grid](
-                    xl, dz, rows if rows is not None else dz, part, m, c, h, w, oh, ow, r, split, per,
-                    *_dense_nhwc_strides(c, h, w),
+                    xl, dz, rows if rows is not None else dz, part, m, c, h, w, oh, ow, r, split, per, *sx,
                     stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                    KH=kh, KW=kw, TAP_MAJOR=tap_major, ROW_TABLE=rows is not None, PRECISION=prec,
+                    KH=kh, KW=kw, TAP_MAJOR=tap_major, ROW_TABLE=rows is not None and not rows_k, PRECISION=prec,
+                    ROWS=rows_k, C_PAD=c_pad,
                 )
-                # (r, kh, kw, C) -> A's (r, C, kh, kw)
-                da = part.sum(0).view(r, kh, kw, c).permute(0, 3, 1, 2).to(x.dtype).contiguous()
+                # (r, kh, kw, C) -> A's (r, C, kh, kw); ROWS: (r, kh, kw, C_PAD), the padding channels dropped
+                da = part.sum(0).view(r, kh, kw, c_pad if rows_k else c)[..., :c].permute(0, 3, 1, 2)
+                da = da.to(x.dtype).contiguous()
         if need_x:
             dx = dx_out if dx_out is not None else empty_like_format(x, x.shape)
             mi = n * h * w
             if mi > 0:
+                c_a = 0
+                if c < 16:  # A's channels zero-padded to 16: vector loads of the dot's N side (see the kernel)
+                    c_a = 16
+                    ak = a.new_zeros(r, kh, kw, c_a)
+                    ak[..., :c] = a.permute(0, 2, 3, 1)
                 grid = lambda meta: (triton.cdiv(mi, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
                 _sketch_conv2d_bwd_dx_kernel[grid](
                     dz, ak, dx, mi, c, h, w, oh, ow, r, *dx.stride(),
                     stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                    KH=kh, KW=kw, UNIT_STRIDE=tuple(stride) == (1, 1), PRECISION=prec,
+                    KH=kh, KW=kw, UNIT_STRIDE=tuple(stride) == (1, 1), PRECISION=prec, C_A=c_a,
                 )
     return dx, da, dbw, dbias
 

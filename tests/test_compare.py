@@ -88,9 +88,9 @@ def test_a_failing_section_is_reported_and_exits_1(fake_sections, tmp_path, caps
 
 def test_the_whole_quick_report_builds_through_the_cli(monkeypatch, tmp_path, capsys):
     """``tritonslide compare --quick`` end to end with every real section, each shrunk through its module's knobs
-    (each section's figures are checked in its own test file): report.md holds all six titles, results.json rows
+    (each section's figures are checked in its own test file): report.md holds every title, results.json rows
     and plots for each, and every plot file exists."""
-    from tritonslide.compare import cnnslide, csg, methods, rankn, sketching, table51
+    from tritonslide.compare import cnnslide, csg, methods, rankn, selection, sketching, table51
 
     monkeypatch.setattr(table51, "MODELS", {"alexnet": table51.MODELS["alexnet"]})
     monkeypatch.setattr(table51, "QUICK", table51.Scale(batch=1, size=63, rounds=1, warmup=0, threads=(1,)))
@@ -105,6 +105,9 @@ def test_the_whole_quick_report_builds_through_the_cli(monkeypatch, tmp_path, ca
                                                   "blocks": 1, "rounds": 1, "model_images": 16, "model_batch": 16,
                                                   "model_blocks": 1, "model_rounds": 1})
     monkeypatch.setattr(methods, "QUICK", methods.Scale(net="demo_cnn_8x8", epochs=1))
+    monkeypatch.setattr(selection, "QUICK", selection.Scale(nets=("cnn3",), epochs=1, train_subset=16, batch=1,
+                                                            size=63, rounds=1, threads=1))
+    monkeypatch.setattr(selection, "IMAGENET_MODELS", {"alexnet": selection.IMAGENET_MODELS["alexnet"]})
     out = tmp_path / "report"
     assert cli.main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out

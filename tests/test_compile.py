@@ -35,8 +35,10 @@ def small_cnn() -> nn.Sequential:
 
 
 def config_for(method: str):
-    # partial active sets (top_buckets < 2**bits) and a rebuild schedule: the compiled graph must follow both
-    alsh = ALSHConfig(tables=2, bits=4, top_buckets=3, rebuild_every=2)
+    # partial active sets (top_buckets < 2**bits) and a rebuild schedule: the compiled graph must follow both. Per
+    # batch: these tests cover the exact-set / compact hand-off machinery (unbacked sizes); per-sample sets (the
+    # default) compile through tests/test_sample_selection.py
+    alsh = ALSHConfig(tables=2, bits=4, top_buckets=3, rebuild_every=2, selection="batch")
     return {"alsh": alsh, "milf": MILFConfig(alsh=alsh)}.get(method, method)
 
 

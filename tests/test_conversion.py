@@ -61,9 +61,10 @@ def test_fresh_model_keeps_every_layers_output_scale(arch, method):
         with torch.no_grad():
             y, y_ref = layer(x), ref(x)
         if isinstance(layer, ALSHSelector):
-            active = y.abs().amax((0, 2, 3)) > 0
+            # (sample, filter) pairs computed: in eval each sample has its own set (ALSHConfig.selection)
+            active = y.abs().amax((2, 3)) > 0
             assert active.any()
-            y, y_ref = y[:, active], y_ref[:, active]
+            y, y_ref = y[active], y_ref[active]
         ratio = float(y.std() / y_ref.std())
         assert 0.5 <= ratio <= 2.0, (name, ratio)
     if method != "alsh":
@@ -137,7 +138,8 @@ def test_sgd_step_on_factored_layers_moves_the_weight_at_most_the_dense_step():
 def test_trained_model_converts_and_fine_tunes_within_3_points():
     """Item 3 (the README's table): the 3-layer digits CNN trained dense for 12 epochs (98.0%), converted with every
     method's default config, fine-tuned 12 epochs with the same optimizer (Adam, lr 1e-3). Measured on the team's
-    CPU: alsh 97.1, sketch 97.8, milf 97.1, lowrank 97.6, csg 98.2 (dense 98.0). Factored layers never amplify:
+    CPU: alsh 96.4, sketch 97.8, milf 96.0 (per-sample sets, demo._convert_config), lowrank 97.6, csg 98.2
+    (dense 98.0). Factored layers never amplify:
     the largest relative weight error of a converted layer is below 1."""
     from tritonslide import demo
 

@@ -36,7 +36,7 @@ MILF_SKETCH = SketchConfig(k=16, pairs=1, mode="output", distribution="uniform")
 # ALSH's default tables (L = 3, K = 5, top 5 buckets) keep 8-13 of the 24 filters of the tiny CNN's layers active.
 TRAIN_CONFIGS = {
     "alsh": ALSHConfig(),  # each rank chooses its filters from its own batch
-    "alsh_sync": ALSHConfig(sync_active_set=True),
+    "alsh_sync": ALSHConfig(sync_active_set=True, selection="batch"),  # sync is about the per-batch set
     "sketch": SketchConfig(),
     "milf": MILFConfig(sketch=MILF_SKETCH),
     "lowrank": LowRankConfig(),
@@ -77,7 +77,7 @@ def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def sync_config(method: str, sync: bool):
-    alsh = ALSHConfig(sync_active_set=sync)
+    alsh = ALSHConfig(sync_active_set=sync, selection="batch")  # sync is about the per-batch set, in eval too
     return alsh if method == "alsh" else MILFConfig(sketch=MILF_SKETCH, alsh=alsh)
 
 

@@ -17,8 +17,16 @@ from torch import nn
 import tritonslide
 from tests.test_sketch_layers import eq1_reference, one_thread, run_with_grads  # noqa: F401 (autouse fixture)
 from tests.tolerances import assert_close
-from tritonslide.configs import ALSHConfig, MILFConfig, SketchConfig
+from tritonslide.configs import ALSHConfig as _ALSHConfig
+from tritonslide.configs import MILFConfig, SketchConfig
 from tritonslide.nn import ALSHConv2d, MILFConv2d, SketchConv2d
+
+
+def ALSHConfig(**kwargs):  # noqa: N802 - the config class with this module's default
+    """These tests check the thesis' per-batch algorithm (Feeney 2019, Alg. 4-6) against batch-wide references, so
+    their layers choose per batch; per-sample selection (the default since issue #15) is tested in
+    tests/test_sample_selection.py and tests/test_ops_sample_conv2d.py."""
+    return _ALSHConfig(**{"selection": "batch", **kwargs})
 
 ALL_ACTIVE = ALSHConfig(bits=2, top_buckets=4)
 PARTIAL = ALSHConfig(tables=3, bits=4, top_buckets=2)

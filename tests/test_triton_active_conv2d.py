@@ -316,3 +316,73 @@ def test_dw_frame_rows_address_every_tap(geometry, wide, channels_last):
         for t in range(kw):
             got = flat[rows.long() + r * dilation[0] * frame.shape[2] + t * dilation[1]]
             torch.testing.assert_close(got, want[:, r, t], rtol=0, atol=0)
+
+
+# Few input channels (C < 16): the forward and dW reduce over kernel-row segments of a zero-padded frame with C_PAD
+# channels (ROWS), dX reads W with its channels zero-padded to 16. (N, C, H, W, O, kh, kw, stride, padding, dilation):
+# C in {1, 3, 5, 7}; strides 1, 2, 4; padding; a row dilation (ROWS keeps it) and a column dilation (the tap path).
+ROWS_SHAPES = [
+    (2, 1, 9, 8, 5, 3, 3, 1, 1, 1),
+    (1, 3, 19, 17, 6, 11, 11, 4, 2, 1),
+    (2, 5, 10, 11, 7, 5, 3, 2, (2, 1), (2, 1)),
+    (2, 7, 8, 9, 9, 3, 3, 1, 2, 1),
+    (2, 3, 9, 10, 5, 3, 3, 2, 1, (1, 2)),
+]
+ROWS_IDS = ["c1-3x3", "c3-11x11s4", "c5-5x3s2-d21", "c7-3x3p2", "c3-3x3s2-d12-taps"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ROWS_SHAPES, ids=ROWS_IDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("fracs", [(None, None), (0.6, 0.7)], ids=["all", "active"])
+def test_few_channels_rows_path(device, shape, layout, fracs):
+    from tritonslide.kernels.active_conv2d import rows_mode
+
+    dtype = torch.float32 if layout == "nchw" else dtypes_for()[0]
+    x, w, b, out_idx, in_idx, gy = make_case(shape, dtype, device, *fracs, seed=6)
+    stride, padding, dilation = map(_pair, shape[7:])
+    c_act = shape[1] if in_idx is None else in_idx.numel()
+    assert rows_mode(c_act, dilation) == (dilation[1] == 1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    got = run_triton(x, w, b, out_idx, in_idx, stride, padding, dilation, gy)
+    ref = masked_reference(x, w, b, out_idx, in_idx, stride, padding, dilation, gy)
+    check_against_reference(shape, dtype, got, ref, out_idx, in_idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_few_channels_compact_input(device):
+    """Alg. 6's compact x (only the channels in_idx) through the ROWS frame, every gradient."""
+    shape = (2, 7, 9, 8, 6, 3, 3, 2, 1, 1)
+    x, w, b, out_idx, in_idx, gy = make_case(shape, torch.float32, device, 0.5, 0.5, seed=7)
+    stride, padding, dilation = map(_pair, shape[7:])
+    y_ref, dx_ref, dw_ref, db_ref = masked_reference(x, w, b, out_idx, in_idx, stride, padding, dilation, gy)
+    red_y, red_x, red_w = reductions(shape, y_ref)
+    y, dx, dw, db = run_triton(x.index_select(1, in_idx), w, b, out_idx, in_idx, stride, padding, dilation, gy,
+                               compact_input=True)
+    assert_close(y, y_ref, torch.float32, reduction=red_y, msg="y")
+    assert_close(dx, dx_ref.index_select(1, in_idx), torch.float32, reduction=red_x, msg="dx")
+    assert_close(dw, dw_ref, torch.float32, reduction=red_w, msg="dW")
+    assert_close(db, db_ref, torch.float32, reduction=red_w, msg="db")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_few_channels_padding_never_reaches_other_patches(device):
+    """The ROWS forward multiplies no element outside a patch: the zero channels, the chunk past the last kernel row
+    and the rows past M are never combined with real pixels. A non-finite pixel changes only the outputs whose
+    patches hold it (as F.conv2d); everywhere else the result is finite and equals the reference."""
+    from tritonslide.kernels.active_conv2d import active_conv2d_forward
+
+    shape = (1, 3, 12, 13, 5, 3, 3, 1, 1, 1)
+    x, w, b, _, _, _ = make_case(shape, torch.float32, device, None, None, seed=8)
+    x[0, 1, 4, 6] = float("inf")
+    x[0, 2, 9, 0] = float("nan")
+    y = active_conv2d_forward(x, w, b, None, None, (1, 1), (1, 1), (1, 1))
+    hit = F.conv2d(torch.isfinite(x).logical_not().double().sum(1, keepdim=True), torch.ones(1, 1, 3, 3,
+                   dtype=torch.float64), None, 1, 1)[0, 0] > 0
+    assert torch.isfinite(y[:, :, ~hit]).all()
+    assert not torch.isfinite(y[:, :, hit]).any()
+    x_ok = torch.nan_to_num(x, nan=0.0, posinf=0.0)
+    ref = F.conv2d(x_ok.double(), w.double(), b.double(), 1, 1)
+    assert_close(y[:, :, ~hit], ref[:, :, ~hit], torch.float32, reduction=27)

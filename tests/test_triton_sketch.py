@@ -19,8 +19,10 @@ from tritonslide import ops, use_backend
 
 pytestmark = requires_triton
 
-# (N, C, H, W, r, O, kh, kw, stride, padding, dilation, channels_last): not powers of two. C = 7 / 5 / 2 use the
-# flattened-K tiles, C = 16 / 20 the tap-major ones; r = 20 / 17 / 23 exceed the interpreter's r tile of 16.
+# (N, C, H, W, r, O, kh, kw, stride, padding, dilation, channels_last): not powers of two. C < 16 takes the ROWS
+# order (kernel-row segments of a zero-padded frame with C_PAD channels) in the forward and dA, except with a column
+# dilation (3x3s2d2: flattened K), and dX reads A with its channels padded to 16; C = 16 / 20 the tap-major tiles;
+# r = 20 / 17 / 23 exceed the interpreter's r tile of 16.
 CONV = {
     "3x3": (2, 7, 9, 8, 5, 13, 3, 3, 1, 1, 1, False),
     "3x3s2-cl-rloop": (2, 16, 9, 8, 20, 13, 3, 3, 2, 1, 1, True),
@@ -37,6 +39,10 @@ CONV = {
     "3x3-c70-cl-rloop": (1, 70, 5, 6, 19, 9, 3, 3, 1, 1, 1, True),
     "3x3d2-c16": (2, 16, 9, 7, 6, 5, 3, 3, 1, 2, 2, False),
     "1x1-c32": (2, 32, 5, 3, 7, 10, 1, 1, 1, 0, 1, False),
+    # ROWS with C = 1 / 3 / 7: strides 2 and 4, padding, a row dilation, both layouts, the r loop
+    "5x5s2-c1": (2, 1, 11, 10, 6, 8, 5, 5, 2, 2, 1, False),  # C = 1: NCHW and channels_last are one layout
+    "11x11s4-c3-cl": (1, 3, 19, 17, 7, 9, 11, 11, 4, 2, 1, True),
+    "3x3-c7-d21-rloop": (2, 7, 9, 8, 18, 6, 3, 3, 1, 1, (2, 1), False),
 }
 
 
@@ -139,7 +145,7 @@ def test_conv_fp32(device, case, active):
     check_conv(case, torch.float32, device, active)
 
 
-HALF_CASES = ["3x3", "3x3s2-cl-rloop", "3x2-s21-d21-rloop", "1x1-cl", "3x3d2-c16"]
+HALF_CASES = ["3x3", "3x3s2-cl-rloop", "3x2-s21-d21-rloop", "1x1-cl", "3x3d2-c16", "11x11s4-c3-cl"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,3 +343,24 @@ def test_interpreter_exercises_r_loop():
     from tritonslide.kernels import sketch
 
     assert sketch.MAX_BLOCK_R == 16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_few_channels_padding_never_reaches_other_patches(device):
+    """The ROWS forward (C < 16) multiplies no element outside a patch (zero channels, the chunk past the last kernel
+    row, rows past M): a non-finite pixel reaches only z and y at the positions whose patches hold it."""
+    from tritonslide.kernels.sketch import sketch_conv2d_forward
+
+    x, a, b, bias, _ = conv_factors(CONV["3x3"], torch.float32, device)  # C = 7, 3x3, padding 1
+    x = x.clone()
+    x[1, 3, 2, 5] = float("inf")
+    y, z = sketch_conv2d_forward(x, a, b, bias, None, (1, 1), (1, 1), (1, 1))
+    bad = ~torch.isfinite(x)
+    hit = F.conv2d(bad.any(1, keepdim=True).double(), torch.ones(1, 1, 3, 3, dtype=torch.float64), None, 1, 1)[:, 0] > 0
+    for t in (y, z):
+        assert torch.isfinite(t.permute(0, 2, 3, 1)[~hit]).all()
+        assert not torch.isfinite(t.permute(0, 2, 3, 1)[hit]).all(-1).any()
+    x_ok = torch.where(bad, torch.zeros_like(x), x)
+    ref = dense_conv_reference(x_ok, a, b, bias, None, (1, 1), (1, 1), (1, 1), torch.ones_like(y))[0]
+    assert_close(y.permute(0, 2, 3, 1)[~hit].cpu(), ref.permute(0, 2, 3, 1)[~hit.cpu()], torch.float32,
+                 reduction=7 * 9 * 5)

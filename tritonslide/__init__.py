@@ -2,8 +2,8 @@
 
 Public API: ``patch`` / ``unpatch`` (model surgery), the configs, ``tritonslide.nn`` (layers), ``tritonslide.models``
 (standard architectures with torchvision's layer shapes and names), ``tritonslide.ops``
-(the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``stats``, ``summary``,
-``TrainAndReplace``.
+(the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``set_selection``,
+``stats``, ``summary``, ``TrainAndReplace``.
 """
 
 from tritonslide import models, nn, ops
@@ -16,6 +16,7 @@ from tritonslide.patch import (
     patch,
     rebuild_tables,
     reset_stats,
+    set_selection,
     stats,
     unpatch,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "patch",
     "rebuild_tables",
     "reset_stats",
+    "set_selection",
     "stats",
     "unpatch",
     "use_backend",

@@ -30,6 +30,8 @@ from tritonslide.cpu_fallback import (
     torch_active_conv2d_backward,
     torch_alsh_active_set,
     torch_hash_histogram,
+    torch_sample_conv2d,
+    torch_sample_conv2d_backward,
     torch_sketch_conv2d,
     torch_sketch_conv2d_backward,
     torch_sketch_linear,
@@ -135,6 +137,43 @@ def exact_set(name: str, which: str, idx: Optional[Tensor], count: Optional[Tens
     return idx[:n]
 
 
+def check_rows_values(name: str, which: str, idx: Tensor, count: Optional[Tensor], size: int) -> None:
+    """Per-sample sets: every entry inside [0, size), each count inside [0, k], each row's first ``count`` entries
+    strictly increasing; CPU tensors only (on CUDA this would cost a synchronization)."""
+    if idx.device.type != "cpu" or idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name}: {which}_idx must lie in [0, {size}), got values in [{lo}, {hi}]")
+    k = idx.shape[1]
+    if count is not None and count.numel() and (int(count.min()) < 0 or int(count.max()) > k):
+        raise ValueError(f"{name}: every {which}_count must lie in [0, {k}] (the rows' length), got values in "
+                         f"[{int(count.min())}, {int(count.max())}]")
+    if k > 1:
+        inside = torch.arange(1, k)[None, :] < (k if count is None else count[:, None])
+        if bool(((idx[:, 1:] <= idx[:, :-1]) & inside).any()):
+            raise ValueError(f"{name}: the first {which}_count entries of each row of {which}_idx must be sorted "
+                             "and unique")
+
+
+def rows_mask(idx: Tensor, count: Optional[Tensor], size: int, dtype: torch.dtype) -> Tensor:
+    """(N, size) 0/1 mask of per-sample sets; padding entries (past a row's count) add 0, so a padding entry that
+    repeats an active index changes nothing."""
+    if count is None:
+        valid = torch.ones(idx.shape, dtype=dtype, device=idx.device)
+    else:
+        valid = (torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]).to(dtype)
+    return torch.zeros(idx.shape[0], size, dtype=dtype, device=idx.device).scatter_add_(1, idx, valid)
+
+
+def _as_rows(idx: Optional[Tensor], count: Optional[Tensor], n: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A batch set (1-d ``idx``, 0-d ``count``) as the same set for every sample; per-sample rows unchanged."""
+    if idx is None or idx.dim() == 2:
+        return idx, count
+    rows = idx.unsqueeze(0).expand(n, -1)
+    return rows, None if count is None else count.reshape(1).expand(n)
+
+
 # ---------------------------------------------------------------------- hash_histogram
 def hash_histogram_impl(
     x: Tensor,
@@ -147,16 +186,26 @@ def hash_histogram_impl(
     in_count: Optional[Tensor],
     return_codes: bool,
     backend: str,
+    per_sample: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(hist (L, 2**bits) int64, codes (N, L, H', W') int64, or an empty tensor without ``return_codes``)."""
-    in_idx = exact_set("tritonslide.ops.hash_histogram", "in", in_idx, in_count, x.shape[1])
+    """(hist (L, 2**bits) int64, or (N, L, 2**bits) with ``per_sample``; codes (N, L, H', W') int64, or an empty
+    tensor without ``return_codes``)."""
+    name = "tritonslide.ops.hash_histogram"
+    if in_idx is not None and in_idx.dim() == 2:
+        # per-sample read channels: hashing sample n with its other channels zeroed (the definition)
+        check_rows_values(name, "in", in_idx, in_count, x.shape[1])
+        x = x * rows_mask(in_idx, in_count, x.shape[1], x.dtype)[:, :, None, None]
+        in_idx = None
+    else:
+        in_idx = exact_set(name, "in", in_idx, in_count, x.shape[1])
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     with _no_autocast(x.device.type):
         if _runtime_backend(backend) == "triton":
             out = kernels.get_kernel("hash_histogram")(x, planes, bits, stride, padding, dilation, in_idx,
-                                                       return_codes)
+                                                       return_codes, per_sample=per_sample)
         else:
-            out = torch_hash_histogram(x, planes, bits, stride, padding, dilation, in_idx, return_codes)
+            out = torch_hash_histogram(x, planes, bits, stride, padding, dilation, in_idx, return_codes,
+                                       per_sample)
     if return_codes:
         hist, codes = out
         return hist, codes.contiguous()
@@ -167,9 +216,9 @@ hash_histogram = torch.library.custom_op(f"{NS}::hash_histogram", mutates_args=(
 
 
 @hash_histogram.register_fake
-def _(x, planes, bits, stride, padding, dilation, in_idx, in_count, return_codes, backend):
+def _(x, planes, bits, stride, padding, dilation, in_idx, in_count, return_codes, backend, per_sample=False):
     tables = planes.shape[0] // bits
-    hist = x.new_empty(tables, 1 << bits, dtype=torch.int64)
+    hist = x.new_empty(*((x.shape[0],) if per_sample else ()), tables, 1 << bits, dtype=torch.int64)
     if not return_codes:
         return hist, x.new_empty(0, dtype=torch.int64)
     ho, wo = _conv_hw(x.shape[2], x.shape[3], planes.shape[2], planes.shape[3], stride, padding, dilation)
@@ -184,8 +233,8 @@ def alsh_active_set_impl(
     (a few sorts and gathers of fixed size, queued on the device with no host synchronization)."""
     if filter_codes.device.type == "cpu" and filter_codes.numel():
         lo, hi = int(filter_codes.min()), int(filter_codes.max())
-        if lo < 0 or hi >= hist.shape[1]:
-            raise ValueError(f"tritonslide.ops.alsh_active_set: filter_codes must lie in [0, {hist.shape[1]}), "
+        if lo < 0 or hi >= hist.shape[-1]:
+            raise ValueError(f"tritonslide.ops.alsh_active_set: filter_codes must lie in [0, {hist.shape[-1]}), "
                              f"got values in [{lo}, {hi}]")
     return torch_alsh_active_set(hist, filter_codes, top_buckets, min_active)
 
@@ -195,7 +244,8 @@ alsh_active_set = torch.library.custom_op(f"{NS}::alsh_active_set", mutates_args
 
 @alsh_active_set.register_fake
 def _(hist, filter_codes, top_buckets, min_active):
-    return filter_codes.new_empty(filter_codes.shape[0]), filter_codes.new_empty(())
+    lead = tuple(hist.shape[:-2])  # (N,) for per-sample histograms
+    return filter_codes.new_empty(*lead, filter_codes.shape[0]), filter_codes.new_empty(lead)
 
 
 def active_indices_impl(idx: Tensor, count: Tensor) -> Tensor:
@@ -347,6 +397,135 @@ def _active_backward(ctx, grad_y):
 
 
 active_conv2d.register_autograd(_active_backward, setup_context=_active_setup)
+
+
+# ---------------------------------------------------------------------- active_conv2d with per-sample sets
+def _sample_args(name, x, weight, out_idx, out_count, in_idx, in_count):
+    n = x.shape[0]
+    out_idx, out_count = _as_rows(out_idx, out_count, n)
+    in_idx, in_count = _as_rows(in_idx, in_count, n)
+    if out_idx is None:  # every filter for every sample
+        out_idx = torch.arange(weight.shape[0], device=x.device).expand(n, -1)
+    check_rows_values(name, "out", out_idx, out_count, weight.shape[0])
+    if in_idx is not None:
+        check_rows_values(name, "in", in_idx, in_count, weight.shape[1])
+    return out_idx, out_count, in_idx, in_count
+
+
+def _full_rows(idx: Tensor, count: Optional[Tensor], size: int) -> tuple[Tensor, Tensor]:
+    """The Triton launchers' form of per-sample rows: (N, size) int64 (shorter rows padded with index 0, past the
+    count) and an (N,) count on the device."""
+    if count is None:
+        count = torch.full((idx.shape[0],), idx.shape[1], dtype=torch.int64, device=idx.device)
+    if idx.shape[1] < size:
+        idx = torch.nn.functional.pad(idx, (0, size - idx.shape[1]))
+    return idx.contiguous(), count
+
+
+def sample_conv2d_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    out_idx: Optional[Tensor],
+    out_count: Optional[Tensor],
+    in_idx: Optional[Tensor],
+    in_count: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> Tensor:
+    """``active_conv2d`` with per-sample sets (issue #15): ``torch_sample_conv2d`` or the Triton launcher, which
+    computes each sample's active rows on all channels of ``x`` masked to the sample's read channels."""
+    name = "tritonslide.ops.active_conv2d"
+    out_idx, out_count, in_idx, in_count = _sample_args(name, x, weight, out_idx, out_count, in_idx, in_count)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    with _no_autocast(x.device.type):
+        if _runtime_backend(backend) == "triton":
+            if in_idx is not None:
+                x = x * rows_mask(in_idx, in_count, x.shape[1], x.dtype)[:, :, None, None]
+            out_idx, count = _full_rows(out_idx, out_count, weight.shape[0])
+            y = kernels.get_kernel("sample_conv2d")(x, weight, bias, out_idx, count, stride, padding, dilation)
+        else:
+            y = torch_sample_conv2d(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation)
+    return _like(y, _fmt(x))
+
+
+sample_conv2d = torch.library.custom_op(f"{NS}::sample_conv2d", mutates_args=())(sample_conv2d_impl)
+
+
+@sample_conv2d.register_fake
+def _(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, backend):
+    ho, wo = _conv_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+
+
+def sample_conv2d_backward_impl(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    out_idx: Optional[Tensor],
+    out_count: Optional[Tensor],
+    in_idx: Optional[Tensor],
+    in_count: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    has_bias: bool,
+    needs: Sequence[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dW, db) of :func:`sample_conv2d_impl`; an empty tensor for each gradient ``needs`` does not ask for."""
+    name = "tritonslide.ops.active_conv2d"
+    out_idx, out_count, in_idx, in_count = _sample_args(name, x, weight, out_idx, out_count, in_idx, in_count)
+    stride, padding, dilation, needs = tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs)
+    if grad_y.dtype != x.dtype:
+        grad_y = grad_y.to(x.dtype)
+    with _no_autocast(x.device.type):
+        if _runtime_backend(backend) == "triton":
+            m_in = None if in_idx is None else rows_mask(in_idx, in_count, x.shape[1], x.dtype)[:, :, None, None]
+            xm = x if m_in is None else x * m_in
+            out_idx, count = _full_rows(out_idx, out_count, weight.shape[0])
+            dx, dw, db = kernels.get_kernel("sample_conv2d_backward")(
+                grad_y, xm, weight, has_bias, out_idx, count, stride, padding, dilation, needs)
+            if dx is not None and m_in is not None:
+                dx = dx * m_in
+        else:
+            dx, dw, db = torch_sample_conv2d_backward(grad_y, x, weight, has_bias, out_idx, out_count, in_idx,
+                                                      in_count, stride, padding, dilation, needs)
+    return _grads((dx, x, _fmt(x)), (dw, weight, _C), (db, weight, _C))
+
+
+sample_conv2d_backward = torch.library.custom_op(f"{NS}::sample_conv2d_backward", mutates_args=())(
+    sample_conv2d_backward_impl
+)
+
+
+@sample_conv2d_backward.register_fake
+def _(grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, dilation, has_bias, needs, backend):
+    bias_like = weight.new_empty(weight.shape[0])
+    return _fake_grads((needs[0], needs[1], needs[2] and has_bias), (x, _fmt(x)), (weight, _C), (bias_like, _C))
+
+
+def _sample_setup(ctx, inputs, output):
+    x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, weight, out_idx, out_count, in_idx, in_count)
+    ctx.conf = (bias is not None, tuple(stride), tuple(padding), tuple(dilation), backend)
+
+
+def _sample_backward(ctx, grad_y):
+    x, weight, out_idx, out_count, in_idx, in_count = ctx.saved_tensors
+    has_bias, stride, padding, dilation, backend = ctx.conf
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    needs[2] = needs[2] and has_bias
+    dx, dw, db = _call(sample_conv2d_backward, sample_conv2d_backward_impl,
+        grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, dilation, has_bias, needs, backend,
+    )
+    return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+            None, None, None, None, None, None, None, None)
+
+
+sample_conv2d.register_autograd(_sample_backward, setup_context=_sample_setup)
 
 
 # ---------------------------------------------------------------------- sketch_conv2d
@@ -531,6 +710,7 @@ def _eager_function(name: str, impl, setup, backward) -> type[torch.autograd.Fun
 
 
 ActiveConv2dFunction = _eager_function("ActiveConv2dFunction", active_conv2d_impl, _active_setup, _active_backward)
+SampleConv2dFunction = _eager_function("SampleConv2dFunction", sample_conv2d_impl, _sample_setup, _sample_backward)
 SketchConv2dFunction = _eager_function("SketchConv2dFunction", sketch_conv2d_impl, _sketch_conv_setup,
                                        _sketch_conv_backward)
 SketchLinearFunction = _eager_function("SketchLinearFunction", sketch_linear_impl, _sketch_linear_setup,

@@ -85,6 +85,31 @@ def _check_count(
     _check_index(name, f"{which}_idx", idx, size, device, sorted_unique=False)
 
 
+def _check_rows(name: str, which: str, idx, count, n: int, size: int, device: torch.device) -> None:
+    """Per-sample sets (issue #15): ``<which>_idx`` (N, k) int64 whose row ``n`` starts with sample ``n``'s sorted
+    set; ``<which>_count`` (N,) int64 (entries past it are padding), or None (the whole row is the set)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
+        got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise TypeError(f"{name}: expected per-sample {which}_idx to be an (N, k) int64 tensor, got {got}")
+    if idx.shape[0] != n or idx.shape[1] > size:
+        raise ValueError(f"{name}: per-sample {which}_idx must have shape (N={n}, k <= {size}), got {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{name}: {which}_idx is on {idx.device} but x is on {device}")
+    if count is None:
+        return
+    if not isinstance(count, torch.Tensor) or count.shape != (n,) or count.dtype != torch.int64:
+        got = f"{count.dtype} tensor of shape {tuple(count.shape)}" if isinstance(count, torch.Tensor) \
+            else type(count).__name__
+        raise TypeError(f"{name}: with a per-sample {which}_idx, {which}_count must be an (N={n},) int64 tensor, "
+                        f"got {got}")
+    if count.device != device:
+        raise ValueError(f"{name}: {which}_count is on {count.device} but x is on {device}")
+
+
+def _per_sample(idx) -> bool:
+    return isinstance(idx, torch.Tensor) and idx.dim() == 2
+
+
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -121,6 +146,7 @@ def hash_histogram(
     in_idx: torch.Tensor | None = None,
     return_codes: bool = False,
     in_count: torch.Tensor | None = None,
+    per_sample: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Hyperplane-hash every im2col patch of ``x`` and count the codes per table.
 
@@ -131,6 +157,11 @@ def hash_histogram(
     projection reads only those input channels, which equals hashing ``x`` with the other channels zeroed; with
     ``in_count`` (0-d int64) only the first ``in_count`` entries of ``in_idx`` are the set (the padded form of
     :func:`alsh_active_set`). Not differentiable (its outputs are integers).
+
+    Per sample (issue #15): ``per_sample=True`` returns one histogram per sample over its own patches,
+    (N, L, 2**bits), which makes each sample's active set independent of its batch companions. ``in_idx`` may then
+    be (N, k) with ``in_count`` (N,): each sample's own read channels (the per-sample sets of
+    :func:`alsh_active_set`), which equals hashing each sample with its other channels zeroed.
     """
     name = "tritonslide.ops.hash_histogram"
     _check_x(name, x)
@@ -146,9 +177,15 @@ def hash_histogram(
         raise ValueError(f"{name}: planes have {planes.shape[1]} input channels but x has {x.shape[1]}")
     if planes.device != x.device:
         raise ValueError(f"{name}: planes are on {planes.device} but x is on {x.device}")
-    _check_count(name, in_idx, in_count, False, x.shape[1], x.device, "in")
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"{name}: per_sample must be a bool, got {per_sample!r}")
+    if _per_sample(in_idx):
+        _check_rows(name, "in", in_idx, in_count, x.shape[0], x.shape[1], x.device)
+    else:
+        _check_count(name, in_idx, in_count, False, x.shape[1], x.device, "in")
     backend = _backend_arg("hash_histogram", x)
-    args = (x.detach(), planes.detach(), bits, stride, padding, dilation, in_idx, in_count, return_codes, backend)
+    args = (x.detach(), planes.detach(), bits, stride, padding, dilation, in_idx, in_count, return_codes, backend,
+            per_sample)
     op = _library.hash_histogram_impl if _library.eager(x, planes, in_idx, in_count) else _library.hash_histogram
     hist, codes = op(*args)
     return (hist, codes) if return_codes else hist
@@ -166,20 +203,23 @@ def alsh_active_set(
     entries are the active filters in ascending order (the rest: the inactive ones) and a 0-d int64 ``count``,
     both on the device, so that a kernel can consume the set without the host reading its size.
     ``idx[:count]`` (one synchronization on CUDA) is the sorted index tensor the other ops take.
+
+    Per sample (issue #15): a (N, L, 2**K) ``hist`` (``hash_histogram(..., per_sample=True)``) gives each sample its
+    own set: ``idx`` (N, O) rows and ``count`` (N,), which :func:`active_conv2d` takes as they are.
     """
     name = "tritonslide.ops.alsh_active_set"
-    if not isinstance(hist, torch.Tensor) or hist.dim() != 2 or hist.dtype != torch.int64:
+    if not isinstance(hist, torch.Tensor) or hist.dim() not in (2, 3) or hist.dtype != torch.int64:
         got = f"{hist.dtype} tensor of shape {tuple(hist.shape)}" if isinstance(hist, torch.Tensor) else type(hist)
-        raise TypeError(f"{name}: expected hist to be an (L, 2**K) int64 tensor, got {got}")
+        raise TypeError(f"{name}: expected hist to be an (L, 2**K) or (N, L, 2**K) int64 tensor, got {got}")
     if not isinstance(filter_codes, torch.Tensor) or filter_codes.dim() != 2 or filter_codes.dtype != torch.int64:
         got = (f"{filter_codes.dtype} tensor of shape {tuple(filter_codes.shape)}"
                if isinstance(filter_codes, torch.Tensor) else type(filter_codes))
         raise TypeError(f"{name}: expected filter_codes to be an (O, L) int64 tensor, got {got}")
-    if filter_codes.shape[1] != hist.shape[0]:
-        raise ValueError(f"{name}: filter_codes has {filter_codes.shape[1]} tables but hist has {hist.shape[0]}")
+    if filter_codes.shape[1] != hist.shape[-2]:
+        raise ValueError(f"{name}: filter_codes has {filter_codes.shape[1]} tables but hist has {hist.shape[-2]}")
     if filter_codes.device != hist.device:
         raise ValueError(f"{name}: filter_codes are on {filter_codes.device} but hist is on {hist.device}")
-    n_buckets = hist.shape[1]
+    n_buckets = hist.shape[-1]
     if n_buckets == 0 or n_buckets & (n_buckets - 1):
         raise ValueError(f"{name}: hist must have 2**K columns, got {n_buckets}")
     for label, value, low in (("top_buckets", top_buckets, 1), ("min_active", min_active, 0)):
@@ -227,6 +267,13 @@ def active_conv2d(
     count on the device, so the host never waits for the size of the set (the PyTorch fallback slices the set,
     which reads the count). Not with ``compact_output``, whose shape would depend on the count. ``in_count`` is the
     same for ``in_idx`` (not with ``compact_input``); the implementation slices the set (one sync on CUDA).
+
+    Per-sample sets (issue #15): ``out_idx`` of shape (N, k) with ``out_count`` (N,) (or None: whole rows) gives
+    sample ``n`` the filters ``out_idx[n, :out_count[n]]`` (sorted unique; the rest of the row is padding), and
+    ``in_idx`` (N, k) with ``in_count`` (N,) its own read channels; a 1-d set next to a 2-d one applies to every
+    sample. Then ``y[n] = conv2d(x[n] * m_in[n], W, b) * m_out[n]``: a sample's output does not depend on its batch
+    companions. Backward: dW and db sum each sample's contribution into its own active rows only; dx reaches each
+    sample's read channels only. Full-size input and output (no compact forms); no host synchronization on CUDA.
     """
     name = "tritonslide.ops.active_conv2d"
     _check_x(name, x)
@@ -244,13 +291,28 @@ def active_conv2d(
         raise TypeError(f"{name}: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) and dtype {x.dtype}, got {bias.shape}")
-    _check_count(name, out_idx, out_count, compact_output, weight.shape[0], x.device)
-    _check_count(name, in_idx, in_count, compact_input, weight.shape[1], x.device, "in")
+    per_sample = _per_sample(out_idx) or _per_sample(in_idx)
+    if per_sample and (compact_input or compact_output):
+        raise ValueError(f"{name}: per-sample (2-d) index sets need compact_input=False and compact_output=False "
+                         "(a compact tensor would need one channel count for the whole batch)")
+    for which, idx, count, size in (("out", out_idx, out_count, weight.shape[0]), ("in", in_idx, in_count,
+                                                                                   weight.shape[1])):
+        if _per_sample(idx):
+            _check_rows(name, which, idx, count, x.shape[0], size, x.device)
+        else:
+            _check_count(name, idx, count, compact_output if which == "out" else compact_input, size, x.device,
+                         which)
     for label, size, extent in (("height", x.shape[2], weight.shape[2]), ("width", x.shape[3], weight.shape[3])):
         i = 0 if label == "height" else 1
         if size + 2 * padding[i] < dilation[i] * (extent - 1) + 1:
             raise ValueError(f"{name}: input {label} {size} (padded {size + 2 * padding[i]}) is smaller than the "
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
+    if per_sample:
+        args = (x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation,
+                _backend_arg("sample_conv2d", x))
+        if _library.eager(x, weight, bias, out_idx, in_idx, out_count, in_count):
+            return _library.SampleConv2dFunction.apply(*args)
+        return _library.sample_conv2d(*args)
     backend = _backend_arg("active_conv2d", x)
     args = (x, weight, bias, out_idx, in_idx, out_count, in_count, stride, padding, dilation, bool(compact_input),
             bool(compact_output), backend, _needs_grad(x, weight, bias))
@@ -291,7 +353,8 @@ def sketch_conv2d(
     concatenated along r). Only the rows ``out_idx`` of ``B`` are computed; other output channels are zero and
     get zero gradients in ``B`` and ``bias`` (as in :func:`active_conv2d`); with ``out_count`` only the first
     ``out_count`` entries of ``out_idx`` are the rows (the padded set of :func:`alsh_active_set`, sliced by the
-    implementation). Differentiable in x, A, B and bias.
+    implementation). Differentiable in x, A, B and bias. Per-sample rows: ``out_idx`` (N, k) with ``out_count``
+    (N,) keeps sample ``n``'s rows ``out_idx[n, :out_count[n]]`` (issue #15; see :func:`active_conv2d`).
     """
     name = "tritonslide.ops.sketch_conv2d"
     _check_x(name, x)
@@ -304,13 +367,23 @@ def sketch_conv2d(
     if b.shape[1] != a.shape[0]:
         raise ValueError(f"{name}: B has {b.shape[1]} columns but A has r={a.shape[0]} rows")
     _check_bias(name, bias, b.shape[0], x)
-    _check_count(name, out_idx, out_count, False, b.shape[0], x.device)
+    per_sample = _per_sample(out_idx)
+    if per_sample:
+        _check_rows(name, "out", out_idx, out_count, x.shape[0], b.shape[0], x.device)
+    else:
+        _check_count(name, out_idx, out_count, False, b.shape[0], x.device)
     for i, label in ((0, "height"), (1, "width")):
         extent = dilation[i] * (a.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < extent:
             raise ValueError(f"{name}: input {label} {x.shape[2 + i]} (padded {x.shape[2 + i] + 2 * padding[i]}) "
                              f"is smaller than the dilated kernel extent {extent}")
     backend = _backend_arg("sketch_conv2d", x)
+    if per_sample:
+        # Per-sample rows (MILF with per-sample selection): the whole chain, then each sample's mask. The rows of B
+        # are r multiply-adds per output element against C kh kw r for the first stage, so computing them all costs
+        # little; the mask makes the outputs and the B / bias gradients of each sample's inactive rows exactly zero.
+        y = sketch_conv2d(x, a, b, bias, None, stride, padding, dilation)
+        return y * _library.rows_mask(out_idx, out_count, b.shape[0], y.dtype)[:, :, None, None]
     args = (x, a, b, bias, out_idx, out_count, stride, padding, dilation, backend)
     if _library.eager(x, a, b, bias, out_idx, out_count):
         return _library.SketchConv2dFunction.apply(*args)[0]

@@ -15,7 +15,7 @@ from torch import nn
 
 import tritonslide.nn  # noqa: F401 - importing the layers registers their methods
 from tritonslide._registry import METHODS, MethodSpec, is_tritonslide_layer, method_of
-from tritonslide.configs import ALSHConfig, MILFConfig
+from tritonslide.configs import SELECTIONS, ALSHConfig, MILFConfig
 from tritonslide.nn._common import resolve_init, same_config
 from tritonslide.nn.alsh import ALSHLayerStats, ALSHSelector
 
@@ -181,6 +181,9 @@ def patch(
         context = spec.make_context(model, config, [m for _, m in targets], **options)
     for fqn, module in targets:
         new = spec.layer_for(module).from_dense(module, config, name=fqn, context=context)
+        # the replacement takes the replaced module's mode: a patched eval() model stays in eval (ALSH layers would
+        # otherwise count training steps, rebuild tables and choose per batch in eval)
+        new.train(module.training)
         if fqn == "":
             model = new
         else:
@@ -193,10 +196,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Turn every tritonslide layer back into its dense module with the same Parameters; returns ``model``."""
     _unlink_all(model)
     if is_tritonslide_layer(model):
-        return model.to_dense()
+        return model.to_dense().train(model.training)
     for fqn, module in list(model.named_modules()):
         if is_tritonslide_layer(module) and fqn:
-            _set_submodule(model, fqn, module.to_dense())
+            _set_submodule(model, fqn, module.to_dense().train(module.training))
     return model
 
 
@@ -279,6 +282,25 @@ def rebuild_tables(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, ALSHSelector):
             module.rebuild_tables()
+            count += 1
+    return count
+
+
+def set_selection(model: nn.Module, selection: str) -> int:
+    """Switch who shares an active set (``ALSHConfig.selection``: ``"auto"``, ``"batch"`` or ``"sample"``) in every
+    ALSH and MILF layer of ``model``, in place, without re-patching: tables, weights and buffers stay as they are (the
+    selection is not part of a layer's saved identity). Returns how many layers changed. E.g. compare a trained
+    model's per-sample and per-batch predictions, or serve with per-sample sets a model trained per batch."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"tritonslide.set_selection: selection must be one of {SELECTIONS}, got {selection!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, ALSHSelector):
+            alsh = dataclasses.replace(module.alsh_config, selection=selection)
+            module.alsh_config = alsh
+            config = module.config
+            module.config = (dataclasses.replace(config, alsh=alsh) if isinstance(config, MILFConfig)
+                             else alsh if config.method == "alsh" else config)
             count += 1
     return count
 

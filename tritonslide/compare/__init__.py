@@ -14,7 +14,8 @@ Sections (``SECTIONS``, in report order):
 * ``csg``: associative convolution Table 1, ResNet-56 parameters dense vs CSG, and a CSG model trained (paper 003);
 * ``sketching``: tensor sketching, output error against k and l with Theorem 3.1/3.2's bound (paper 004);
 * ``rankn``: Rank-N, error and time against rank 1..5 for both schemes (paper 002);
-* ``methods``: every method on one trained network: accuracy after conversion and fine-tuning, cost, step time.
+* ``methods``: every method on one trained network: accuracy after conversion and fine-tuning, cost, step time;
+* ``selection``: per-sample vs per-batch ALSH active sets, accuracy, active fraction and time (issue #15).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "sketching": ("sketching", "Tensor sketching: output error against k and l, Theorems 3.1/3.2"),
     "rankn": ("rankn", "Rank-N: error and time against rank, both schemes"),
     "methods": ("methods", "Every method on one trained network"),
+    "selection": ("selection", "Per-sample vs per-batch ALSH active sets (no paper: beyond the anchors)"),
 }
 SCALES = ("quick", "full")
 

@@ -165,7 +165,8 @@ def patch_variant(model: nn.Module, variant: str, layers: tuple[str, ...], steps
     ``tritonslide demo`` (ALSH re-hashed once per epoch; sketch conv k=16, 2 sketches, output side, uniform)."""
     if variant == "vanilla":
         return model
-    alsh = tritonslide.ALSHConfig(rebuild_every=steps_per_epoch)  # the thesis re-hashed once per epoch (5.3.2)
+    # the thesis re-hashed once per epoch (5.3.2); CNN-SLIDE, like the thesis, chose one active set per batch
+    alsh = tritonslide.ALSHConfig(rebuild_every=steps_per_epoch, selection="batch")
     config = {"lsh": alsh, "sketch": DEMO_SKETCH,
               "lsh+sketch": tritonslide.MILFConfig(sketch=DEMO_SKETCH, alsh=alsh)}[variant]
     return tritonslide.patch(model, config, filter_fn=lambda module, name: name in layers)

@@ -88,7 +88,10 @@ def _variant(dense: nn.Module, variant: str, seed: int) -> nn.Module:
     kwargs = VARIANTS[variant]
     if kwargs is None:
         return dense
-    return tritonslide.patch(copy.deepcopy(dense), tritonslide.ALSHConfig(seed=seed), **kwargs).eval()
+    # the thesis chose one active set per batch, in testing too: selection="batch" (the default chooses per sample
+    # in eval; the ``selection`` section compares the two)
+    config = tritonslide.ALSHConfig(seed=seed, selection="batch")
+    return tritonslide.patch(copy.deepcopy(dense), config, **kwargs).eval()
 
 
 def _threads_label(threads: int | None, device: torch.device) -> str:

@@ -151,7 +151,7 @@ def dense_conv_like(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter |
 
 # config fields that say how a layer was set up or how it runs, not what its state means: a state_dict saved under
 # any value loads under any other
-_NOT_STATE = frozenset({"init", "sync_active_set"})
+_NOT_STATE = frozenset({"init", "sync_active_set", "selection"})
 
 
 def _without_init(config: Any, keys: frozenset[str] = frozenset({"init"})) -> Any:

@@ -61,10 +61,11 @@ class ALSHSelector(ConfigState, nn.Module):
     Everything that changes per step lives in tensors (``steps``, the statistics, ``last_active``) and the rebuild
     schedule is a ``torch.where`` on ``steps``, so ``torch.compile`` traces one graph that no step invalidates.
 
-    The active set is chosen per batch from the histogram of the whole batch's patches (as in the thesis), in
-    eval mode too: a sample's output depends on the other samples of its batch and on the batch size. With
-    ``sync_active_set`` the histogram is summed over the ranks of the default process group first, so every rank
-    computes the filters one process would choose for the global batch. Tables
+    Who shares a set is ``config.selection`` (issue #15): per sample (each sample's histogram over its own patches
+    picks its own filters; its output does not depend on its batch companions), per batch (the histogram of the
+    whole batch's patches, as in the thesis), or ``"auto"``: per batch in training, per sample in eval. With
+    ``sync_active_set`` a per-batch histogram is summed over the ranks of the default process group first, so every
+    rank computes the filters one process would choose for the global batch. Tables
     follow the weights only when rebuilt (``rebuild_every``, ``tritonslide.rebuild_tables``): with
     ``rebuild_every=n`` the re-hash happens at the start of every n-th training forward, before hashing.
     """
@@ -215,6 +216,10 @@ class ALSHSelector(ConfigState, nn.Module):
                 self.filter_codes.copy_(torch.where(due, self.table_codes(), self.filter_codes))
         self.steps += 1
 
+    def per_sample(self) -> bool:
+        """Whether this forward chooses one active set per sample (``config.selection`` and the mode)."""
+        return self.alsh_config.per_sample(self.training)
+
     def active_filters(
         self,
         x: torch.Tensor,
@@ -227,10 +232,22 @@ class ALSHSelector(ConfigState, nn.Module):
         (reading only ``in_idx``, padded with ``in_count`` or exact; with ``compact_input`` x holds just those
         channels), select the active set and record statistics. Returns ``(idx, count)``: with ``padded`` the
         device-side (O,) buffer and 0-d count of :func:`tritonslide.ops.alsh_active_set` (no host sync), else the
-        exact sorted set (:func:`tritonslide.ops.active_indices`) and its count."""
+        exact sorted set (:func:`tritonslide.ops.active_indices`) and its count. Per sample (:meth:`per_sample`):
+        always the padded (N, O) rows and (N,) counts, each sample's histogram over its own patches."""
         cfg = self.alsh_config
         if self.training:
             self._count_step()
+        if self.per_sample():
+            with torch.no_grad():
+                if compact_input:  # a per-batch producer handed over its compact output: the same set per sample
+                    x, in_count = _expand_channels(x, in_idx, self.in_channels), None
+                hist = ops.hash_histogram(x, self.planes, cfg.bits, self.stride, self.padding, self.dilation,
+                                          in_idx=in_idx, in_count=in_count, per_sample=True)
+                idx, count = ops.alsh_active_set(hist, self.filter_codes, cfg.top_buckets, cfg.min_active)
+                self.stat_calls += 1
+                self.stat_active += count.to(torch.float64).mean() / self.out_channels
+                self.stat_hist += hist.sum(0)
+            return idx, count
         with torch.no_grad():
             if compact_input:
                 planes = self.planes.index_select(1, in_idx)
@@ -256,6 +273,8 @@ class ALSHSelector(ConfigState, nn.Module):
             dist.all_reduce(torch.zeros(cfg.tables, 1 << cfg.bits, dtype=torch.int64, device=self.planes.device))
 
     def _record_counts(self, count: torch.Tensor, read: torch.Tensor | None) -> None:
+        """(active output channels, read input channels) of this forward; per sample, the rounded batch means."""
+        count, read = _mean_count(count), None if read is None else _mean_count(read)
         read = torch.full_like(count, self.in_channels) if read is None else read
         self.last_active.copy_(torch.stack((count, read)))
 
@@ -286,6 +305,20 @@ class ALSHSelector(ConfigState, nn.Module):
             f"padding={self.padding}, dilation={self.dilation}, L={c.tables}, K={c.bits}, "
             f"top_buckets={c.top_buckets}, m={c.m}" + (", shares_input" if self._share_source is not None else "")
         )
+
+
+def _mean_count(count: torch.Tensor) -> torch.Tensor:
+    """A 0-d count as it is; per-sample (N,) counts as their rounded mean (0-d int64, on the device)."""
+    if count.dim() == 0:
+        return count
+    return count.to(torch.float64).mean().round().to(torch.int64)
+
+
+def _expand_channels(x: torch.Tensor, in_idx: torch.Tensor, channels: int) -> torch.Tensor:
+    """A compact input (the channels ``in_idx`` only, Alg. 6) back at full size, zeros elsewhere: what a per-sample
+    layer needs when its per-batch producer handed over a compact output (layers with different selections)."""
+    full = x.new_zeros(x.shape[0], channels, *x.shape[2:])
+    return full.index_copy_(1, in_idx, x)
 
 
 def _distributed() -> bool:
@@ -384,10 +417,22 @@ class ALSHConv2d(ALSHSelector):
         if x.shape[0] == 0:
             self.sync_empty_batch()
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
+        elif self.per_sample():
+            # each sample's own set (N, O rows and (N,) counts, on the device): full-size output, zeros in each
+            # sample's inactive channels; a linked consumer reads each sample's own active channels
+            if compact_in:
+                x, in_count = _expand_channels(x, in_idx, self.in_channels), None
+            idx, count = self.active_filters(x, in_idx, in_count)
+            if self._publish:
+                self._publish_set(idx, count, True, False)
+            y = ops.active_conv2d(x, self.weight, self.bias, idx, in_idx, self.stride, self.padding, self.dilation,
+                                  out_count=count, in_count=in_count)
+            self._record_counts(count, read)
         elif self._publish and exact_sets():
             # a linked consumer reads the exact set and (in the Sequential) the compact output of its channels alone;
             # the set's size reaches the host (one sync on CUDA; an unbacked size when traced)
-            compact_out = self._emit_compact and self._compact_ok
+            # compact only with a batch set in and out (per-sample input rows make per-sample outputs)
+            compact_out = self._emit_compact and self._compact_ok and (in_idx is None or in_idx.dim() == 1)
             out_idx, count = self.active_filters(x, in_idx, in_count, compact_in)
             self._publish_set(out_idx, count, False, compact_out)
             y = ops.active_conv2d(

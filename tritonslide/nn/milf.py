@@ -116,7 +116,8 @@ class MILFConv2d(ALSHSelector, SketchFactors):
         check_sketch_conv_input(self, x)
         in_idx, in_count, read, _ = self._shared_input()  # a MILF layer reads full inputs (no compact hand-off)
         out_idx = count = None
-        padded = not exact_sets()  # traced: the padded set and its count (no data-dependent shape)
+        # traced: the padded set and its count (no data-dependent shape); per sample: always (N, O) rows + counts
+        padded = not exact_sets() or self.per_sample()
         if x.shape[0] > 0:
             out_idx, count = self.active_filters(x, in_idx, in_count, padded=padded)
             if self._publish:  # the output keeps every channel (inactive ones zero): never compact

@@ -1,0 +1,285 @@
+"""Per-sample active sets (issue #15) in the op layer and the PyTorch fallback, against plain references.
+
+``ops.active_conv2d`` with (N, k) index rows, ``ops.hash_histogram(per_sample=True)`` and ``ops.alsh_active_set`` on
+(N, L, 2**K) histograms. The references are deliberately plain: a Python loop over samples running ``F.conv2d`` of
+each sample with its 0/1 masks (float64; gradients by ``torch.autograd.grad``), per-sample calls of the batch ops.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tolerances import assert_close
+from tritonslide import ops, use_backend
+from tritonslide.cpu_fallback import torch_sample_conv2d
+
+# (N, C, H, W, O, kh, kw, stride, padding, dilation): not powers of two; 1x1, 3x3, 5x5 s2, 11x11 s4, asymmetric
+SHAPES = [
+    (3, 5, 9, 8, 7, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (2, 3, 15, 13, 5, 11, 11, (4, 4), (2, 2), (1, 1)),
+    (3, 6, 11, 10, 9, 5, 5, (2, 2), (2, 2), (1, 1)),
+    (2, 4, 9, 10, 6, 3, 2, (2, 3), (1, 0), (2, 1)),
+    (4, 7, 7, 6, 9, 1, 1, (1, 1), (0, 0), (1, 1)),
+]
+SHAPE_IDS = ["3x3", "11x11s4", "5x5s2", "3x2-s23-d21", "1x1"]
+
+
+def loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, stride, padding, dilation, grad_y):
+    """(y, dx, dW, db): sample by sample, ``F.conv2d(x[n] * m_in[n], W, b) * m_out[n]``, in float64."""
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    b = None if b is None else b.double().requires_grad_()
+    ys = []
+    for n in range(x.shape[0]):
+        m_out = torch.zeros(w.shape[0], dtype=torch.float64)
+        m_out[out_rows[n, : int(out_count[n])]] = 1
+        m_in = torch.ones(w.shape[1], dtype=torch.float64)
+        if in_rows is not None:
+            m_in = torch.zeros(w.shape[1], dtype=torch.float64)
+            m_in[in_rows[n, : int(in_count[n])]] = 1
+        y = F.conv2d(x[n:n + 1] * m_in.view(1, -1, 1, 1), w, b, stride, padding, dilation)
+        ys.append(y * m_out.view(1, -1, 1, 1))
+    y = torch.cat(ys)
+    leaves = (x, w) + (() if b is None else (b,))
+    grads = torch.autograd.grad(y, leaves, grad_y.double())
+    return (y.detach(), *grads) + ((None,) if b is None else ())
+
+
+def random_rows(n, size, gen, counts=None, repeat_padding=False):
+    """(N, size) rows whose first count[n] entries are a sorted random set; padding: the other indices, or (with
+    ``repeat_padding``) copies of the first index, which the ops must ignore."""
+    if counts is None:
+        counts = torch.randint(0, size + 1, (n,), generator=gen)
+    rows = []
+    for c in counts.tolist():
+        perm = torch.randperm(size, generator=gen)
+        active = perm[:c].sort().values
+        pad = perm[c:] if not repeat_padding else torch.full((size - c,), int(perm[0]), dtype=torch.int64)
+        rows.append(torch.cat([active, pad]))
+    return torch.stack(rows), counts
+
+
+def make(shape, dtype, seed, channels_last=False, with_in=True, repeat_padding=False):
+    n, c, h, w_, o, kh, kw, stride, padding, dilation = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w_, generator=gen).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(o, c, kh, kw, generator=gen).to(dtype)
+    b = torch.randn(o, generator=gen).to(dtype)
+    counts = torch.randint(0, o + 1, (n,), generator=gen)
+    counts[0] = o  # one sample with every filter, one with none
+    counts[-1] = 0
+    out_rows, out_count = random_rows(n, o, gen, counts, repeat_padding)
+    in_rows = in_count = None
+    if with_in:
+        in_rows, in_count = random_rows(n, c, gen, repeat_padding=repeat_padding)
+    return x, w, b, out_rows, out_count, in_rows, in_count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_in", [False, True], ids=["out", "out+in"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_forward_and_every_gradient(shape, with_in, channels_last, dtype):
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, dtype, 0, channels_last, with_in)
+    stride, padding, dilation = shape[7:]
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    with use_backend("torch"):
+        y = ops.active_conv2d(xg, wg, bg, out_rows, in_rows, stride, padding, dilation, out_count=out_count,
+                              in_count=in_count)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dx, dw, db = torch.autograd.grad(y, (xg, wg, bg), grad_y)
+    ref = loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, stride, padding, dilation, grad_y)
+    reduction = shape[1] * shape[5] * shape[6]
+    assert_close(y, ref[0], dtype, reduction, "y")
+    assert_close(dx, ref[1], dtype, shape[4] * shape[5] * shape[6], "dx")
+    assert_close(dw, ref[2], dtype, x.shape[0] * y.shape[2] * y.shape[3], "dW")
+    assert_close(db, ref[3], dtype, x.shape[0] * y.shape[2] * y.shape[3], "db")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
+def test_bfloat16_forward_and_gradients():
+    shape = SHAPES[0]
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.bfloat16, 3)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    with use_backend("torch"):
+        y = ops.active_conv2d(xg, wg, bg, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    grads = torch.autograd.grad(y, (xg, wg, bg), grad_y)
+    ref = loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1), (1, 1), grad_y)
+    for got, exp, red in zip((y, *grads), ref, (45, 63, 216, 216)):
+        assert_close(got, exp, torch.bfloat16, red)
+
+
+def test_padding_entries_are_ignored_even_when_they_repeat_an_active_index():
+    shape = SHAPES[0]
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float64, 5, repeat_padding=True)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    y = ops.active_conv2d(xg, wg, bg, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count)
+    grad_y = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, (xg, wg, bg), grad_y)
+    ref = loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1), (1, 1), grad_y)
+    for got, exp in zip((y, *grads), ref):
+        torch.testing.assert_close(got, exp)
+
+
+def test_no_bias_whole_rows_and_a_batch_set_next_to_rows():
+    shape = SHAPES[2]
+    x, w, _, out_rows, out_count, _, _ = make(shape, torch.float64, 7, with_in=False)
+    stride, padding, dilation = shape[7:]
+    # rows without counts: every entry is in the set (here: each sample's first 4 filters of a permutation, sorted)
+    rows = out_rows[:, :4].sort(1).values
+    y = ops.active_conv2d(x, w, None, rows, None, stride, padding, dilation)
+    full = torch.full((x.shape[0],), 4)
+    ref = loop_reference(x, w, None, rows, full, None, None, stride, padding, dilation, torch.ones_like(y))
+    torch.testing.assert_close(y, ref[0])
+    # a 1-d input set next to per-sample output rows applies to every sample
+    in_idx = torch.tensor([0, 2, 5])
+    y = ops.active_conv2d(x, w, None, out_rows, in_idx, stride, padding, dilation, out_count=out_count)
+    in_rows = in_idx.expand(x.shape[0], -1)
+    ref = loop_reference(x, w, None, out_rows, out_count, in_rows, torch.full((x.shape[0],), 3), stride, padding,
+                         dilation, torch.ones_like(y))
+    torch.testing.assert_close(y, ref[0])
+
+
+def test_weight_gradient_touches_only_rows_some_sample_uses():
+    shape = SHAPES[0]
+    x, w, b, out_rows, out_count, _, _ = make(shape, torch.float64, 11, with_in=False)
+    out_count = torch.tensor([2, 3, 1])
+    used = set()
+    for n in range(x.shape[0]):
+        used |= set(out_rows[n, : out_count[n]].tolist())
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = ops.active_conv2d(x, wg, bg, out_rows, None, 1, 1, out_count=out_count)
+    y.square().sum().backward()
+    unused = [o for o in range(w.shape[0]) if o not in used]
+    assert unused, "the case must leave some filter unused"
+    assert torch.count_nonzero(wg.grad[unused]) == 0 and torch.count_nonzero(bg.grad[unused]) == 0
+    assert all(torch.count_nonzero(wg.grad[o]) > 0 for o in used)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_output_of_a_sample_does_not_depend_on_its_batch(seed):
+    shape = SHAPES[0]
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, seed)
+    y = ops.active_conv2d(x, w, b, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count)
+    perm = torch.tensor([2, 0, 1])
+    ys = ops.active_conv2d(x[perm], w, b, out_rows[perm], in_rows[perm], 1, 1, out_count=out_count[perm],
+                           in_count=in_count[perm])
+    torch.testing.assert_close(ys, y[perm], rtol=1e-5, atol=1e-5)
+    for n in range(3):
+        yn = ops.active_conv2d(x[n:n + 1], w, b, out_rows[n:n + 1], in_rows[n:n + 1], 1, 1,
+                               out_count=out_count[n:n + 1], in_count=in_count[n:n + 1])
+        torch.testing.assert_close(yn, y[n:n + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_samples_that_share_a_set_are_grouped_without_changing_results():
+    """The fallback runs one convolution per group of samples with equal sets; a batch whose samples share sets
+    (here 2 distinct sets for 5 samples) equals each sample run alone."""
+    shape = (5, 6, 11, 10, 9, 5, 5, (2, 2), (2, 2), (1, 1))
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float64, 13)
+    pick = torch.tensor([0, 1, 0, 1, 1])
+    out_rows, out_count, in_rows, in_count = out_rows[pick], out_count[pick], in_rows[pick], in_count[pick]
+    y = torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count, *shape[7:])
+    for n in range(5):
+        alone = torch_sample_conv2d(x[n:n + 1], w, b, out_rows[n:n + 1], out_count[n:n + 1], in_rows[n:n + 1],
+                                    in_count[n:n + 1], *shape[7:])
+        torch.testing.assert_close(y[n:n + 1], alone)
+
+
+def test_compiles_into_one_graph():
+    shape = SHAPES[0]
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, 17)
+
+    def f(x):
+        return ops.active_conv2d(x, w, b, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"out_idx": torch.zeros(2, 3, dtype=torch.int64)}, ValueError, r"per-sample out_idx must have shape \(N=3"),
+        ({"out_idx": torch.zeros(3, 8, dtype=torch.int64)}, ValueError, r"k <= 7"),
+        ({"out_idx": torch.zeros(3, 2, dtype=torch.int32)}, TypeError, r"\(N, k\) int64"),
+        ({"out_idx": torch.zeros(3, 2, dtype=torch.int64), "out_count": torch.tensor(1)}, TypeError,
+         r"out_count must be an \(N=3,\) int64"),
+        ({"out_idx": torch.zeros(3, 2, dtype=torch.int64), "compact_output": True}, ValueError, "compact_output"),
+        ({"in_idx": torch.zeros(3, 2, dtype=torch.int64), "in_count": torch.tensor([1, 2])}, TypeError,
+         r"in_count must be an \(N=3,\)"),
+        ({"out_idx": torch.tensor([[0, 1], [1, 0], [0, 1]])}, ValueError, "sorted and unique"),
+        ({"out_idx": torch.tensor([[0, 9], [0, 1], [0, 1]])}, ValueError, r"out_idx must lie in \[0, 7\)"),
+        ({"out_idx": torch.zeros(3, 2, dtype=torch.int64), "out_count": torch.tensor([1, 3, 0])}, ValueError,
+         r"out_count must lie in \[0, 2\]"),
+    ],
+)
+def test_bad_per_sample_sets_name_the_op_and_what_was_expected(kwargs, error, match):
+    x, w = torch.randn(3, 5, 6, 6), torch.randn(7, 5, 3, 3)
+    with pytest.raises(error, match=match):
+        ops.active_conv2d(x, w, None, stride=1, padding=1, **kwargs)
+
+
+# ---------------------------------------------------------------------- hashing and selection per sample
+@pytest.mark.parametrize("seed", range(3))
+def test_per_sample_histograms_are_each_samples_own_histogram(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 6, 11, 9, generator=gen)
+    planes = torch.randn(3 * 4, 6, 3, 3, generator=gen)
+    hist = ops.hash_histogram(x, planes, 4, 2, 1, per_sample=True)
+    assert hist.shape == (4, 3, 16) and hist.dtype == torch.int64
+    for n in range(4):
+        torch.testing.assert_close(hist[n], ops.hash_histogram(x[n:n + 1], planes, 4, 2, 1))
+    torch.testing.assert_close(hist.sum(0), ops.hash_histogram(x, planes, 4, 2, 1))
+
+
+def test_per_sample_histogram_reads_each_samples_own_channels():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 8, 8, generator=gen)
+    planes = torch.randn(10, 6, 3, 3, generator=gen)
+    rows, counts = random_rows(3, 6, gen, torch.tensor([2, 6, 0]))
+    hist = ops.hash_histogram(x, planes, 5, 1, 1, in_idx=rows, in_count=counts, per_sample=True)
+    for n in range(3):
+        idx = rows[n, : counts[n]]
+        torch.testing.assert_close(hist[n], ops.hash_histogram(x[n:n + 1], planes, 5, 1, 1, in_idx=idx))
+
+
+def test_per_sample_selection_is_each_samples_batch_selection():
+    gen = torch.Generator().manual_seed(9)
+    hist = torch.randint(0, 5, (6, 3, 32), generator=gen)
+    codes = torch.randint(0, 32, (41, 3), generator=gen)
+    idx, count = ops.alsh_active_set(hist, codes, 5, 30)
+    assert idx.shape == (6, 41) and count.shape == (6,)
+    for n in range(6):
+        i, c = ops.alsh_active_set(hist[n], codes, 5, 30)
+        assert int(count[n]) == int(c) and torch.equal(idx[n], i)
+
+
+def test_per_sample_sets_follow_each_samples_content():
+    """Statistical check with fixed seeds: samples of two kinds (two base images plus a little noise each) get
+    sets that agree within a kind and differ across kinds, and the batch's set of a mixed batch is not a kind's."""
+    jac_within, jac_across, batch_gap = [], [], []
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        planes = torch.randn(3 * 5, 4, 3, 3, generator=gen)
+        codes = torch.randint(0, 32, (60, 3), generator=gen)
+        base = torch.randn(2, 4, 12, 12, generator=gen)
+        x = base.repeat_interleave(4, 0) + 0.05 * torch.randn(8, 4, 12, 12, generator=gen)
+        hist = ops.hash_histogram(x, planes, 5, 1, 1, per_sample=True)
+        idx, count = ops.alsh_active_set(hist, codes, 2)
+        sets = [set(idx[n, : count[n]].tolist()) for n in range(8)]
+
+        def jaccard(a, b):
+            return len(a & b) / max(len(a | b), 1)
+
+        jac_within += [jaccard(sets[i], sets[j]) for k in (0, 4) for i in range(k, k + 4) for j in range(i + 1, k + 4)]
+        jac_across += [jaccard(sets[i], sets[j]) for i in range(4) for j in range(4, 8)]
+        b_idx, b_count = ops.alsh_active_set(hist.sum(0), codes, 2)
+        batch = set(b_idx[:b_count].tolist())
+        batch_gap.append(1 - max(jaccard(batch, sets[0]), jaccard(batch, sets[4])))
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    # measured with these seeds: 0.70 within, 0.15 across, 0.29 between the batch set and the closer kind
+    assert mean(jac_within) > 0.5 > 0.3 > mean(jac_across)
+    assert mean(batch_gap) > 0.15
