@@ -148,7 +148,7 @@ def _active_fwd_base_args(case, dtype, prec):
         _strides((n, o, ho, wo), cl)
     return dict(x_ptr=t, w_ptr=t, b_ptr=t, y_ptr=t, **idx_args, M=n * ho * wo, N_ACT=n_act, C_ACT=c_act, H=h, W=w,
                 HO=ho, WO=wo, sxn=sx[0], sxh=sx[2], sxw=sx[3], swo=sw[0], swh=sw[2], sww=sw[3], syn=sy[0], syc=sy[1],
-                syh=sy[2], syw=sy[3], **geom, HAS_BIAS=True, HAS_OUT_IDX=has_out, COMPACT_OUT=False,
+                syh=sy[2], syw=sy[3], sio=0, **geom, HAS_BIAS=True, HAS_OUT_IDX=has_out, COMPACT_OUT=False,
                 HAS_COUNT=has_count, Y_CHANNELS_LAST=cl, PRECISION=prec)
 
 
@@ -158,10 +158,10 @@ def _active_dx_base_args(case, dtype, prec):
     sg, sw, sd = _strides((n, n_act, ho, wo), True), _strides((o, c_act, geom["KH"], geom["KW"]), True), \
         _strides((n, c, h, w), cl)
     sw = _strides((n_act, c_act, geom["KH"], geom["KW"]), True)  # W's active rows and channels, compacted
-    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, count_ptr=idx_args["count_ptr"],
+    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, count_ptr=idx_args["count_ptr"], out_idx_ptr=t,
                 in_idx_ptr=_mock(torch.int32) if has_in else t,
                 M=n * h * w, C_ACT=c_act, R_ACT=n_act, H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgh=sg[2], sgw=sg[3],
-                swo=sw[0], swh=sw[2], sww=sw[3], sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], **geom,
+                swo=sw[0], swh=sw[2], sww=sw[3], sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=0, **geom,
                 SCATTER_IN=has_in, HAS_COUNT=has_count, DX_CHANNELS_LAST=cl, PRECISION=prec)
 
 
@@ -174,8 +174,8 @@ def _active_dw_base_args(case, dtype, prec):
     sd = _strides((o, c, geom["KH"], geom["KW"]))
     return dict(g_ptr=t, x_ptr=t, rows_ptr=_mock(torch.int32), dw_ptr=f32, db_ptr=f32, **idx_args,
                 in_idx_ptr=_mock(torch.int32) if has_in else t, K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act,
-                WP=w + 2 * geom["PW"], sg=n_act, sx=c_act, sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3],
-                KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_BIAS=True, HAS_OUT_IDX=has_out,
+                WP=w + 2 * geom["PW"], sg=n_act, sx=c_act, sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=0,
+                zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_BIAS=True, HAS_OUT_IDX=has_out,
                 HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
 
 
@@ -218,44 +218,58 @@ def _hist_args(case, dtype, prec):
 
 
 def _sample_common(case, dtype):
-    """kernels/sample_conv2d.py's launches: x NHWC (NCHW input is converted by the launcher), W as (O, kh, kw, C),
-    the per-sample index rows as int32 (N, O) (the backward pads them and dy's compact copy to 16 columns: R)."""
+    """kernels/sample_conv2d.py's launches of active_conv2d's kernels with PER_SAMPLE: x NHWC (NCHW input is
+    converted by the launcher), W as (O, kh, kw, C), the per-sample index rows as int32 (N, O) and counts (N,) (the
+    backward pads the rows and dy's compact copy to 16 columns: R)."""
     n, c, o, h, w, k, s, p = CONV_SHAPES[case["shape"]]
     ho, wo = _out_hw(h, w, k, s, p)
     cl = case["layout"] == "channels_last"
     r_cols = triton.cdiv(o, 16) * 16
     geom = dict(KH=k, KW=k, SH=s, SW=s, PH=p, PW=p, DH=1, DW=1)
-    sets = dict(out_idx_ptr=_mock(torch.int32), count_ptr=_mock(torch.int64))
-    return n, c, o, h, w, ho, wo, cl, r_cols, geom, sets, _mock(dtype)
+    return n, c, o, h, w, ho, wo, cl, r_cols, geom, _mock(torch.int32), _mock(torch.int64), _mock(dtype)
 
 
 def _sample_fwd_args(case, dtype, prec):
-    n, c, o, h, w, ho, wo, cl, r_cols, geom, sets, t = _sample_common(case, dtype)
+    n, c, o, h, w, ho, wo, cl, r_cols, geom, i32, i64, t = _sample_common(case, dtype)
     sx, sw, sy = _strides((n, c, h, w), True), _strides((o, c, geom["KH"], geom["KW"]), True), \
         _strides((n, o, ho, wo), cl)
-    return dict(x_ptr=t, w_ptr=t, b_ptr=t, y_ptr=t, **sets, NB=n, N_OUT=o, C=c, H=h, W=w, HO=ho, WO=wo,
-                sxn=sx[0], sxh=sx[2], sxw=sx[3], swo=sw[0], swh=sw[2], sww=sw[3], syn=sy[0], syc=sy[1], syh=sy[2],
-                syw=sy[3], sio=o, **geom, HAS_BIAS=True, Y_CHANNELS_LAST=cl, PRECISION=prec)
+    a = dict(x_ptr=t, w_ptr=t, b_ptr=t, y_ptr=t, out_idx_ptr=i32, count_ptr=i64, M=n * ho * wo, N_ACT=o, C_ACT=c,
+             H=h, W=w, HO=ho, WO=wo, sxn=sx[0], sxh=sx[2], sxw=sx[3], swo=sw[0], swh=sw[2], sww=sw[3], syn=sy[0],
+             syc=sy[1], syh=sy[2], syw=sy[3], sio=o, **geom, HAS_BIAS=True, HAS_OUT_IDX=True, COMPACT_OUT=False,
+             HAS_COUNT=True, Y_CHANNELS_LAST=cl, PRECISION=prec, PER_SAMPLE=True)
+    if c < 16:  # the small-C frame and (O, D_PAD) weight rows, as the per-batch launch
+        c_pad, _, sxr = _rows_frame(n, c, h, w, geom["PW"])
+        d_pad = triton.cdiv(geom["KH"] * geom["KW"] * c_pad, 128) * 128
+        a.update(sxn=sxr[0], sxh=sxr[1], sxw=sxr[2], swo=d_pad, swh=0, sww=0, ROWS=True, C_PAD=c_pad)
+    return a
 
 
 def _sample_dx_args(case, dtype, prec):
-    """dy compacted per sample by the launcher's gather: (N, H', W', R) contiguous."""
-    n, c, o, h, w, ho, wo, cl, r_cols, geom, sets, t = _sample_common(case, dtype)
-    sw, sd = _strides((o, c, geom["KH"], geom["KW"]), True), _strides((n, c, h, w), cl)
-    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, **sets, NB=n, C=c, R=r_cols, H=h, W=w, HO=ho, WO=wo,
-                sgn=ho * wo * r_cols, sgh=wo * r_cols, sgw=r_cols, swo=sw[0], swh=sw[2], sww=sw[3], sdn=sd[0],
-                sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=r_cols, **geom, DX_CHANNELS_LAST=cl, PRECISION=prec)
+    """dy compacted per sample by the launcher's gather: (N, H', W', R) contiguous; W whole, channels padded to 16
+    below 16 channels."""
+    n, c, o, h, w, ho, wo, cl, r_cols, geom, i32, i64, t = _sample_common(case, dtype)
+    c_ld = 16 if c < 16 else 0
+    sw, sd = _strides((o, c_ld or c, geom["KH"], geom["KW"]), True), _strides((n, c, h, w), cl)
+    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, in_idx_ptr=t, count_ptr=i64, out_idx_ptr=i32, M=n * h * w, C_ACT=c,
+                R_ACT=r_cols, H=h, W=w, HO=ho, WO=wo, sgn=ho * wo * r_cols, sgh=wo * r_cols, sgw=r_cols, swo=sw[0],
+                swh=sw[2], sww=sw[3], sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=r_cols, **geom,
+                SCATTER_IN=False, HAS_COUNT=True, DX_CHANNELS_LAST=cl, PRECISION=prec, C_LD=c_ld, PER_SAMPLE=True)
 
 
 def _sample_dw_args(case, dtype, prec):
-    """dy as the dense (N*H'*W', R) compact matrix, x as the zero-padded NHWC frame and the int32 position-row
-    table (as ``_active_dw_args``); fp32 dW / db buffers."""
-    n, c, o, h, w, ho, wo, cl, r_cols, geom, sets, t = _sample_common(case, dtype)
+    """dy as the dense (N*H'*W', R) compact matrix, x as the zero-padded NHWC frame (the small-C frame with its zero
+    image below 16 channels) and the int32 position-row table; fp32 dW / db buffers; program_id(1) is the sample."""
+    n, c, o, h, w, ho, wo, cl, r_cols, geom, i32, i64, t = _sample_common(case, dtype)
     f32 = _mock(torch.float32)
     sd = _strides((o, c, geom["KH"], geom["KW"]))
-    return dict(g_ptr=t, x_ptr=t, rows_ptr=_mock(torch.int32), dw_ptr=f32, db_ptr=f32, **sets, NB=n, HW=ho * wo,
-                R=r_cols, C=c, WP=w + 2 * geom["PW"], sg=r_cols, sx=c, sio=r_cols, sdo=sd[0], sdc=sd[1], sdh=sd[2],
-                sdw=sd[3], KH=geom["KH"], KW=geom["KW"], DH=1, DW=1, HAS_BIAS=True, PRECISION=prec)
+    a = dict(g_ptr=t, x_ptr=t, rows_ptr=i32, dw_ptr=f32, db_ptr=f32, out_idx_ptr=i32, in_idx_ptr=i32, count_ptr=i64,
+             K_RED=ho * wo, R_ACT=r_cols, C_ACT=c, WP=w + 2 * geom["PW"], sg=r_cols, sx=c, sdo=sd[0], sdc=sd[1],
+             sdh=sd[2], sdw=sd[3], sio=r_cols, zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=1, DW=1,
+             HAS_BIAS=True, HAS_OUT_IDX=True, HAS_IN_IDX=False, HAS_COUNT=True, PRECISION=prec, PER_SAMPLE=True)
+    if c < 16:  # ROWS: db summed by torch, table entries past a sample read the zero image
+        c_pad, wp, _ = _rows_frame(n, c, h, w, geom["PW"])
+        a.update(WP=wp, sx=c_pad, ROWS=True, C_PAD=c_pad, HAS_BIAS=False, zero_row=n * (h + 2 * geom["PH"]) * wp)
+    return a
 
 
 # Sketch layers: conv shapes above with rank r, or a linear layer (M rows, in, out, r) viewed as 1x1 convs.
@@ -416,9 +430,10 @@ KERNELS = {
     "active_fwd": ("active_conv2d", "_active_conv2d_fwd_kernel", _active_fwd_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     "active_dx": ("active_conv2d", "_active_conv2d_bwd_dx_kernel", _active_dx_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     "active_dw": ("active_conv2d", "_active_conv2d_bwd_dw_kernel", _active_dw_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    "sample_fwd": ("sample_conv2d", "_sample_conv2d_fwd_kernel", _sample_fwd_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    "sample_dx": ("sample_conv2d", "_sample_conv2d_bwd_dx_kernel", _sample_dx_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    "sample_dw": ("sample_conv2d", "_sample_conv2d_bwd_dw_kernel", _sample_dw_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    # the per-sample launches (issue #15): the same kernels with PER_SAMPLE
+    "sample_fwd": ("active_conv2d", "_active_conv2d_fwd_kernel", _sample_fwd_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "sample_dx": ("active_conv2d", "_active_conv2d_bwd_dx_kernel", _sample_dx_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    "sample_dw": ("active_conv2d", "_active_conv2d_bwd_dw_kernel", _sample_dw_args, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     "hash_histogram": ("hash_histogram", "_hash_histogram_fwd_kernel", _hist_args, ("BLOCK_M", "BLOCK_P", "BLOCK_D")),
     "sketch_fwd": ("sketch", "_sketch_conv2d_fwd_kernel", _sketch_fwd_args, ("BLOCK_M", "BLOCK_R", "BLOCK_K")),
     "sketch_dz": ("sketch", "_sketch_conv2d_bwd_dz_kernel", _sketch_dz_args, ("BLOCK_M", "BLOCK_R", "BLOCK_O")),
@@ -633,16 +648,21 @@ def _cases(kernel: str, plan: str) -> list[tuple[dict[str, Any], tuple[str, ...]
     if plan == "ci":
         ci = [(main, ("fp16",)), (degenerate, ("fp16",))]
         if kernel in SMALL_C_KERNELS:  # the gate checks the small-C paths' loads in CI too
-            conv1 = dict(main, shape="alexnet_conv1_3x64_11x11s4", idx="out" if kernel.startswith("active") else "none",
-                         r=16)
+            conv1 = dict(main, shape="alexnet_conv1_3x64_11x11s4")
+            if kernel.startswith("active"):
+                conv1["idx"] = "out"
+            elif kernel.startswith("sketch"):
+                conv1["r"] = 16
             ci.append((conv1, ("fp16",)))
         return ci
     variants.append(degenerate)
     return [(m, all_dt) for m in mains] + [(v, ("fp16",)) for v in variants]
 
 
-# kernels with a small-C (ROWS / padded-channel) path for AlexNet's conv1 (issue #12)
-SMALL_C_KERNELS = ("active_fwd", "active_dx", "active_dw", "sketch_fwd", "sketch_da", "sketch_dx")
+# kernels with a small-C (ROWS / padded-channel) path for AlexNet's conv1 (issue #12; the per-sample launches run
+# the active kernels, issue #15)
+SMALL_C_KERNELS = ("active_fwd", "active_dx", "active_dw", "sample_fwd", "sample_dx", "sample_dw", "sketch_fwd",
+                   "sketch_da", "sketch_dx")
 
 # Full plan: the variants compile for the newest target only (sm_90); the main case covers every target. Compiling
 # the variants for sm_80 too doubles the plan to ~1,230 compiles, about 17 min on 2 cores.
@@ -845,8 +865,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def _vector_channels(kernel: str, case: dict[str, Any]) -> bool:
     """Whether the main loop's operands must load as vectors: channel counts that are multiples of 8, and AlexNet's
     3-channel conv1 in the kernels with a small-C path (issue #12: zero-padded 4-channel pixels, 8-byte cp.async).
-    Exempt: the per-sample kernels on conv1 (no small-C path yet: 6-byte rows load as scalars) and the degenerate
-    1-element extents (4 channels on a 1x1 map), which no vector fits."""
+    Exempt: the degenerate 1-element extents (4 channels on a 1x1 map), which no vector fits."""
     shape = case.get("shape")
     if shape not in CONV_SHAPES or CONV_SHAPES[shape][1] % 8 == 0:
         return True

@@ -151,22 +151,62 @@ _FWD_CONFIGS, _FWD_GPU, _FWD_FMA = _configs(_FWD_TILES, _INTERP_TILE, _tile, _FW
 _DX_CONFIGS, _DX_GPU, _DX_FMA = _configs(_DX_TILES, _INTERP_TILE, _tile, _FWD_DX_NO_FMA)
 _DW_CONFIGS, _DW_GPU, _DW_FMA = _configs(_DW_TILES, _INTERP_DW_TILE, _dw_cfg)
 
+# Per-sample launches (PER_SAMPLE, issue #15) use subsets of the same lists (the tile shapes are the same GEMMs: one
+# sample's positions x filters or channels): (tile, warps, stages) -> fits fp32 with IEEE products there. Dropped for
+# spilling in the per-sample forward: the 128-wide filter tiles (128x128x32 / 8 warps, 64x128x32 / 4 warps; 192-424
+# B in fp16 when the kernels were separate); off IEEE fp32 there: 128x64x32 / 8 warps, 64x64x32 / 4 warps and
+# 128x32x32 / 4 warps (16-88 B). bench.aot, kernels sample_*.
+_FWD_SAMPLE = {(128, 64, 32, 8, 3): False, (128, 64, 64, 8, 3): False, (64, 64, 32, 4, 4): False,
+               (128, 32, 32, 4, 4): False, (64, 32, 32, 4, 3): False, (64, 32, 16, 4, 3): True}
+_DX_SAMPLE = {(128, 128, 32, 8, 3): False, (128, 64, 32, 8, 3): False, (64, 64, 32, 4, 4): False,
+              (64, 32, 32, 4, 3): True, (64, 32, 16, 4, 3): True}
+
+
+def _subset(configs, tiles, table):
+    """(the configs whose (tile, warps, stages) is in ``table``, those of them marked to fit IEEE fp32)."""
+    keys = [t[:5] for t in tiles]
+    use = [c for c, k in zip(configs, keys) if k in table]
+    return use, [c for c, k in zip(configs, keys) if table.get(k)]
+
+
+_FWD_SAMPLE_GPU, _FWD_SAMPLE_FMA = _subset(_FWD_GPU, _FWD_TILES, _FWD_SAMPLE)
+_DX_SAMPLE_GPU, _DX_SAMPLE_FMA = _subset(_DX_GPU, _DX_TILES, _DX_SAMPLE)
+# dW: no split-K (program_id(1) is the sample), and not 64x128x32 / 4 warps (56 B of spills on sm_80 in fp16 with
+# the per-sample row and count loads, bench.aot --kernels sample_dw)
+_DW_SAMPLE_GPU = [c for c in _DW_GPU if c.kwargs["SPLIT_K"] == 1 and c.kwargs["BLOCK_N"] <= 64]
+_DW_SAMPLE_FMA = [c for c in _DW_FMA if c in _DW_SAMPLE_GPU]
+
 
 def _for_dtype(configs, args, ptr, gpu, fma):
     """Drop the configs that spill with IEEE fp32 (FMA) products when this launch has them."""
     return dot_configs(configs, args, ptr, gpu, fma) or configs
 
 
+def _rows_fit(configs, positions):
+    """Per-sample launches: drop 128-row position tiles when a sample has at most 64 positions (a tile never crosses
+    a sample: the extra rows would all be masked); 64 rows stay (the smallest wgmma)."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(positions))]
+    return kept or configs
+
+
 def _prune_fwd(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
     # ROWS: the reduction is the kh * kw * C_PAD elements of a patch, not a tap's C_ACT channels
     k_extent = a["KH"] * a["KW"] * a["C_PAD"] if a.get("ROWS") else a["C_ACT"]
-    return clamp_blocks(_for_dtype(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA), a["N_ACT"], k_extent)
+    if a.get("PER_SAMPLE"):
+        use = _rows_fit(_for_dtype(configs, a, "x_ptr", _FWD_SAMPLE_GPU, _FWD_SAMPLE_FMA), a["HO"] * a["WO"])
+    else:
+        use = _for_dtype(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA)
+    return clamp_blocks(use, a["N_ACT"], k_extent)
 
 
 def _prune_dx(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
-    return clamp_blocks(_for_dtype(configs, a, "g_ptr", _DX_GPU, _DX_FMA), a["C_ACT"], a["R_ACT"])
+    if a.get("PER_SAMPLE"):
+        use = _rows_fit(_for_dtype(configs, a, "g_ptr", _DX_SAMPLE_GPU, _DX_SAMPLE_FMA), a["H"] * a["W"])
+    else:
+        use = _for_dtype(configs, a, "g_ptr", _DX_GPU, _DX_FMA)
+    return clamp_blocks(use, a["C_ACT"], a["R_ACT"])
 
 
 def _prune_dw(configs, nargs, **kwargs):
@@ -174,7 +214,11 @@ def _prune_dw(configs, nargs, **kwargs):
     # rows are BLOCK_M here: clamp them as the "N" extent; K (positions) is never small enough to matter. ROWS: the
     # columns are a kernel row's kw * C_PAD elements
     n_extent = a["KW"] * a["C_PAD"] if a.get("ROWS") else a["C_ACT"]
-    out = clamp_blocks(_for_dtype(configs, a, "g_ptr", _DW_GPU, _DW_FMA), n_extent, a["R_ACT"], n_name="BLOCK_N",
+    if a.get("PER_SAMPLE"):  # program_id(1) is the sample: no split-K
+        gpu, fma = _DW_SAMPLE_GPU, _DW_SAMPLE_FMA
+    else:
+        gpu, fma = _DW_GPU, _DW_FMA
+    out = clamp_blocks(_for_dtype(configs, a, "g_ptr", gpu, fma), n_extent, a["R_ACT"], n_name="BLOCK_N",
                        k_name="BLOCK_M")
     # split-K only where each split still has several K tiles to amortize its atomics over.
     k_red = a["K_RED"]
@@ -198,7 +242,7 @@ _GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "PRECISION"]
 
 @tuned(
     configs=_FWD_CONFIGS,
-    key=["M", "N_ACT", "C_ACT", "H", "W", "Y_CHANNELS_LAST", "ROWS"] + _GEOMETRY,
+    key=["M", "N_ACT", "C_ACT", "H", "W", "Y_CHANNELS_LAST", "ROWS", "PER_SAMPLE"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_fwd},
     buckets=["N_ACT", "C_ACT"],
 )
@@ -206,13 +250,13 @@ _GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "PRECISION"]
 def _active_conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, count_ptr,
     M, N_ACT, C_ACT, H, W, HO, WO,
-    sxn, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    sxn, sxh, sxw, swo, swh, sww, syn, syc, syh, syw, sio,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, COMPACT_OUT: tl.constexpr, HAS_COUNT: tl.constexpr,
     Y_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1,
+    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1, PER_SAMPLE: tl.constexpr = False,
 ):
     """Alg. 4 (Feeney 2019): ``y[n, A_j, oh, ow] = b[A_j] + sum_{r, t, c} x[n, oh*s-p+r*d, ow*s-p+t*d, c] *
     W[A_j, r, t, c]`` for the active filters ``A = out_idx``, x holding the C_ACT active input channels (NHWC).
@@ -225,29 +269,49 @@ def _active_conv2d_fwd_kernel(
     row pitch ``sxh``, and W the (O, D_PAD) matrix of rows (kh, kw, C_PAD) (``_rows_weight``, row stride ``swo``).
     The reduction runs over ``d = r * KW C_PAD + j``: the kw pixels of kernel row r are KW * C_PAD consecutive
     elements of the frame, so a chunk is a few contiguous, C_PAD-aligned runs (vector loads) and no load has a
-    spatial mask; only the last, partial chunk is masked (peeled), so no element outside a patch is multiplied."""
+    spatial mask; only the last, partial chunk is masked (peeled), so no element outside a patch is multiplied.
+
+    ``PER_SAMPLE`` (issue #15, ``sample_conv2d_forward``): one active set per sample, row ``n`` of ``out_idx`` (row
+    stride ``sio``) with ``count_ptr[n]`` entries in use. A program's positions then lie in ONE sample (the grid
+    runs N x position tiles of one image x filter tiles), so the program reads its sample's count and row once;
+    filter tiles past the count exit (y is allocated zeroed) and the result is scattered into the full-size y."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_ACT, BLOCK_N)
     # filter blocks vary fastest: the programs that run together share the same input tile (read once from HBM)
     pid_n = pid % num_n
-    pid_m = pid // num_n
-    n_valid = valid_count(count_ptr, N_ACT, HAS_COUNT)
-    if HAS_COUNT:
-        if pid_n * BLOCK_N >= n_valid:  # rows past out_count: padding of the device-side active set
+    if PER_SAMPLE:
+        tiles_hw = tl.cdiv(HO * WO, BLOCK_M)
+        pid_p = (pid // num_n) % tiles_hw
+        nb = pid // num_n // tiles_hw
+        n_valid = valid_count(count_ptr + nb, N_ACT, True)
+        if pid_n * BLOCK_N >= n_valid:  # past this sample's active set: its outputs stay zero
             return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    if ROWS:
-        offs_m = tl.minimum(offs_m, M - 1)  # rows past M re-read the last position (in bounds); never stored
-    ow = offs_m % WO
-    t = offs_m // WO
-    oh = t % HO
-    nb = t // HO
+        sp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = sp < HO * WO
+        if ROWS:
+            sp = tl.minimum(sp, HO * WO - 1)  # as below: in bounds, never stored
+        oh = sp // WO
+        ow = sp - oh * WO
+        idx_row = out_idx_ptr + nb.to(tl.int64) * sio
+    else:
+        pid_m = pid // num_n
+        n_valid = valid_count(count_ptr, N_ACT, HAS_COUNT)
+        if HAS_COUNT:
+            if pid_n * BLOCK_N >= n_valid:  # rows past out_count: padding of the device-side active set
+                return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        if ROWS:
+            offs_m = tl.minimum(offs_m, M - 1)  # rows past M re-read the last position (in bounds); never stored
+        ow = offs_m % WO
+        t = offs_m // WO
+        oh = t % HO
+        nb = t // HO
+        idx_row = out_idx_ptr
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_valid
-    o_w = load_index(out_idx_ptr, offs_n, n_mask, HAS_OUT_IDX)
+    o_w = load_index(idx_row, offs_n, n_mask, HAS_OUT_IDX)
     w_rows = w_ptr + o_w.to(tl.int64) * swo
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -303,20 +367,20 @@ def _active_conv2d_fwd_kernel(
 
 @tuned(
     configs=_DX_CONFIGS,
-    key=["M", "C_ACT", "R_ACT", "HO", "WO", "DX_CHANNELS_LAST"] + _GEOMETRY,
+    key=["M", "C_ACT", "R_ACT", "HO", "WO", "DX_CHANNELS_LAST", "PER_SAMPLE"] + _GEOMETRY,
     prune_configs_by={"early_config_prune": _prune_dx},
     buckets=["C_ACT", "R_ACT"],
 )
 @triton.jit
 def _active_conv2d_bwd_dx_kernel(
-    g_ptr, w_ptr, dx_ptr, in_idx_ptr, count_ptr,
+    g_ptr, w_ptr, dx_ptr, in_idx_ptr, count_ptr, out_idx_ptr,
     M, C_ACT, R_ACT, H, W, HO, WO,
-    sgn, sgh, sgw, swo, swh, sww, sdn, sdc, sdh, sdw,
+    sgn, sgh, sgw, swo, swh, sww, sdn, sdc, sdh, sdw, sio,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     SCATTER_IN: tl.constexpr, HAS_COUNT: tl.constexpr, DX_CHANNELS_LAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    C_LD: tl.constexpr = 0,
+    C_LD: tl.constexpr = 0, PER_SAMPLE: tl.constexpr = False,
 ):
     """Alg. 5 (Feeney 2019), ``dI`` through the active filters only: the transposed convolution
 
@@ -329,19 +393,34 @@ def _active_conv2d_bwd_dx_kernel(
 
     ``C_LD`` > 0 (few channels): W's channel axis is zero-padded to C_LD, a multiple of 16, so that its rows load as
     16-byte vectors without a channel mask (C_ACT = 3 channels are 6 bytes: 2-byte scalar loads otherwise); the
-    padding channels are computed as zeros and never stored."""
+    padding channels are computed as zeros and never stored.
+
+    ``PER_SAMPLE`` (issue #15, ``sample_conv2d_backward``): dy arrives compacted per sample (column j of sample n
+    holds filter ``out_idx[n, j]``, R_ACT >= O columns), W is the whole (O, kh, kw, C) weight, and the B operand
+    gathers its rows ``out_idx[n, k]`` (a row's channels stay contiguous: vector loads). A program's positions lie
+    in ONE sample, and its loop stops at that sample's count."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_ACT, BLOCK_N)
     pid_n = pid % num_n
-    pid_m = pid // num_n
-    r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    iw = offs_m % W
-    t = offs_m // W
-    ih = t % H
-    nb = t // H
+    if PER_SAMPLE:
+        tiles_hw = tl.cdiv(H * W, BLOCK_M)
+        pid_p = (pid // num_n) % tiles_hw
+        nb = pid // num_n // tiles_hw
+        r_valid = valid_count(count_ptr + nb, R_ACT, True)
+        sp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = sp < H * W
+        ih = sp // W
+        iw = sp - ih * W
+        idx_row = out_idx_ptr + nb.to(tl.int64) * sio
+    else:
+        pid_m = pid // num_n
+        r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        iw = offs_m % W
+        t = offs_m // W
+        ih = t % H
+        nb = t // H
     g_img = g_ptr + nb.to(tl.int64) * sgn
     th0 = ih + PH
     tw0 = iw + PW
@@ -387,8 +466,14 @@ def _active_conv2d_bwd_dx_kernel(
                 valid = valid & ((twu % SW) == 0)
             g_rows = g_img + ohu.to(tl.int32, bitcast=True) * sgh + owu.to(tl.int32, bitcast=True) * sgw
         a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None] & a_mask[None, :], other=0.0)
-        b = tl.load((w_cols + (r * swh + s * sww + k0 * swo))[None, :] + (offs_k * swo)[:, None],
-                    mask=k_mask[:, None] & c_read[None, :], other=0.0)
+        if PER_SAMPLE:
+            # W rows of this chunk's filters (int32 offsets: the launcher checks W has < 2**31 elements)
+            o_k = tl.load(idx_row + k0 + offs_k, mask=k_mask, other=0)
+            b = tl.load(w_cols[None, :] + (o_k * swo + (r * swh + s * sww))[:, None],
+                        mask=k_mask[:, None] & c_read[None, :], other=0.0)
+        else:
+            b = tl.load((w_cols + (r * swh + s * sww + k0 * swo))[None, :] + (offs_k * swo)[:, None],
+                        mask=k_mask[:, None] & c_read[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         r, s, k0 = next_step(r, s, k0, r_valid, KW, BLOCK_K)
 
@@ -400,18 +485,18 @@ def _active_conv2d_bwd_dx_kernel(
 
 @tuned(
     configs=_DW_CONFIGS,
-    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION", "ROWS"],
+    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION", "ROWS", "PER_SAMPLE"],
     prune_configs_by={"early_config_prune": _prune_dw},
     buckets=["R_ACT", "C_ACT"],
 )
 @triton.jit
 def _active_conv2d_bwd_dw_kernel(
     g_ptr, x_ptr, rows_ptr, dw_ptr, db_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
-    K_RED, R_ACT, C_ACT, WP, sg, sx, sdo, sdc, sdh, sdw,
+    K_RED, R_ACT, C_ACT, WP, sg, sx, sdo, sdc, sdh, sdw, sio, zero_row,
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1,
+    ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1, PER_SAMPLE: tl.constexpr = False,
 ):
     """Alg. 5 (Feeney 2019), the update of the active rows only:
 
@@ -437,7 +522,14 @@ def _active_conv2d_bwd_dw_kernel(
     11 rows of 44 columns. The epilogue splits j into (t, c) and drops the padding channels. The frame has a zero
     image after the N and ``rows_ptr`` is padded with its first pixel to a multiple of 128 positions (of every
     BLOCK_K; ``_padded_rows``), so the x loads of the last, partial K tile read zeros and carry no position mask
-    (dy's are masked): the per-vector predicates of both masks cost ~4 SASS instructions per 8-byte cp.async."""
+    (dy's are masked): the per-vector predicates of both masks cost ~4 SASS instructions per 8-byte cp.async.
+
+    ``PER_SAMPLE`` (issue #15, ``sample_conv2d_backward``): program_id(1) is the sample n instead of a split-K slice
+    (SPLIT_K is 1): the program reduces over sample n's K_RED = H'*W' positions of dy compacted per sample (column j
+    holds filter ``out_idx[n, j]``, row stride ``sio``) and adds its tile into the rows ``out_idx[n, :count[n]]``;
+    samples meet through the same fp32 atomics as split-K slices. With ROWS, the table entries past the sample's
+    last position are replaced by ``zero_row`` (the frame's zero image), so the x tile never reads the next
+    sample's pixels."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(R_ACT, BLOCK_M)
@@ -454,10 +546,17 @@ def _active_conv2d_bwd_dw_kernel(
     else:
         r = tap // KW
         s = tap % KW
-    r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
-    if HAS_COUNT:
+    if PER_SAMPLE:
+        r_valid = valid_count(count_ptr + pid_k, R_ACT, True)
         if pid_m * BLOCK_M >= r_valid:
             return
+        idx_row = out_idx_ptr + pid_k.to(tl.int64) * sio
+    else:
+        r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
+        if HAS_COUNT:
+            if pid_m * BLOCK_M >= r_valid:
+                return
+        idx_row = out_idx_ptr
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < r_valid  # rows stored
@@ -473,9 +572,13 @@ def _active_conv2d_bwd_dw_kernel(
         c_mask = offs_n < C_ACT
         c_read = c_mask
 
-    k_per_split = tl.cdiv(tl.cdiv(K_RED, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K_RED)
+    if PER_SAMPLE:  # the sample's positions
+        k_lo = pid_k * K_RED
+        k_hi = k_lo + K_RED
+    else:
+        k_per_split = tl.cdiv(tl.cdiv(K_RED, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K_RED)
     offs_k = tl.arange(0, BLOCK_K)
     # dy^T tile (filters x positions), loaded position-major: the filters are dy's contiguous axis; the pointers
     # advance by BLOCK_K rows per step (int64 base, int32 offsets within the tile)
@@ -491,7 +594,10 @@ def _active_conv2d_bwd_dw_kernel(
         k_mask = offs_k < k_hi - k0
         a = tl.trans(tl.load(g_ptrs, mask=k_mask[:, None] & m_read[None, :], other=0.0))
         if ROWS:  # the table is padded past K_RED with the zero image: no position mask on x (see the docstring)
-            rows = tl.load(rows_ptr + k0 + offs_k)
+            if PER_SAMPLE:  # past the sample: the zero image, not the next sample
+                rows = tl.load(rows_ptr + k0 + offs_k, mask=k_mask, other=zero_row)
+            else:
+                rows = tl.load(rows_ptr + k0 + offs_k)
             b = tl.load(x_ptr + (rows * C_PAD)[:, None] + x_cols[None, :], mask=c_read[None, :], other=0.0)
         else:
             rows = tl.load(rows_ptr + k0 + offs_k, mask=k_mask, other=0) + tap_row
@@ -503,7 +609,7 @@ def _active_conv2d_bwd_dw_kernel(
                 db_acc = tl.dot(a, ones, db_acc, input_precision=PRECISION)
         g_ptrs += BLOCK_K * sg
 
-    o_w = load_index(out_idx_ptr, offs_m, m_mask, HAS_OUT_IDX)
+    o_w = load_index(idx_row, offs_m, m_mask, HAS_OUT_IDX)
     if ROWS:
         c_w = load_index(in_idx_ptr, offs_n % C_PAD, c_mask, HAS_IN_IDX)
         dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (c_w * sdc + (offs_n // C_PAD) * sdw)[None, :] + r * sdh
@@ -719,7 +825,7 @@ def active_conv2d_forward(
         xk, wk, bias if bias is not None else dummy, y, idx if idx is not None else dummy,
         count if count is not None else dummy,
         m, n_act, c_act, x.shape[2], x.shape[3], ho, wo,
-        *sx, *sw, *y.stride(),
+        *sx, *sw, *y.stride(), 0,
         **_geometry(weight, stride, padding, dilation),
         HAS_BIAS=bias is not None, HAS_OUT_IDX=idx is not None, COMPACT_OUT=bool(compact_output),
         HAS_COUNT=count is not None, Y_CHANNELS_LAST=is_channels_last(y), PRECISION=dot_precision(x.dtype),
@@ -790,9 +896,9 @@ def active_conv2d_backward(
             m = n * x.shape[2] * x.shape[3]
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_act, meta["BLOCK_N"]),)  # noqa: E731
             _active_conv2d_bwd_dx_kernel[grid](
-                gk, wk, dx, i_idx if scatter else dummy, count_arg,
+                gk, wk, dx, i_idx if scatter else dummy, count_arg, dummy,
                 m, c_act, n_act, x.shape[2], x.shape[3], ho, wo,
-                gk.stride(0), gk.stride(2), gk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(),
+                gk.stride(0), gk.stride(2), gk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(), 0,
                 **geometry, SCATTER_IN=scatter, HAS_COUNT=count is not None,
                 DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec, C_LD=c_ld,
             )
@@ -832,7 +938,7 @@ def active_conv2d_backward(
             _active_conv2d_bwd_dw_kernel[grid](
                 gk, frame, rows, dw32, db32, o_idx if o_idx is not None else dummy,
                 i_idx if i_idx is not None else dummy, count_arg, k_red, n_act, c_act, frame.shape[2],
-                gk.shape[1], frame.shape[3], *dw32.stride(), KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
+                gk.shape[1], frame.shape[3], *dw32.stride(), 0, 0, KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
                 HAS_BIAS=fuse_b, HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
                 HAS_COUNT=count is not None, PRECISION=prec, ROWS=rows_dw, C_PAD=c_pad,
             )

@@ -1,8 +1,9 @@
-"""Convolution with one active filter set PER SAMPLE, as Triton implicit-im2col GEMMs (forward, dX, dW with fused db).
+"""Convolution with one active filter set PER SAMPLE (issue #15): the launchers of ``active_conv2d``'s three
+Triton kernels (forward, dX, dW with fused db) in their ``PER_SAMPLE`` mode.
 
-Feeney (2019), shared/papers/001, Alg. 4-5 with the active set chosen per input (issue #15): sample ``n`` computes
-only the filters ``A_n``, the first ``out_count[n]`` entries of row ``n`` of ``out_idx`` (N, O) (sorted; the rest
-of the row is padding, never used). With ``m[n, o]`` the 0/1 mask of ``A_n``, every launcher here equals
+Feeney (2019), shared/papers/001, Alg. 4-5 with the active set chosen per input: sample ``n`` computes only the
+filters ``A_n``, the first ``out_count[n]`` entries of row ``n`` of ``out_idx`` (N, O) (sorted; the rest of the row
+is padding, never used). With ``m[n, o]`` the 0/1 mask of ``A_n``, every launcher here equals
 
     y[n]  = conv2d(x[n], W, b) * m[n]
     dx[n] = conv_transpose2d(dy[n] * m[n], W)
@@ -10,7 +11,7 @@ of the row is padding, never used). With ``m[n, o]`` the 0/1 mask of ``A_n``, ev
     db[o] = sum_{n: o in A_n} sum_{oh, ow} dy[n, o, oh, ow]
 
 Input channels are the caller's business (the op layer multiplies x and dx by a per-sample channel mask): these
-kernels read every input channel.
+launches read every input channel.
 
 Every tile of work lies inside one sample (a tile of output / input positions never crosses an image; the dW
 programs reduce over one sample's positions), so a program reads its sample's count and index row once, and the
@@ -22,20 +23,21 @@ counts stay on the device (no host sync):
             compacted per sample by one ``torch.gather`` (``gk[n, p, j] = dy[n, p, out_idx[n, j]]``, NHWC), so the
             A operand is contiguous, and the loop stops at the sample's own count; the B operand gathers W rows
             ``out_idx[n, j]``, whose channels are contiguous (vector loads);
-* dW:       one program per (sample, filter tile, channel tile, tap) reduces over the sample's H'*W' positions and
-            adds its tile into rows ``out_idx[n, j]`` of an fp32 buffer with fp32 atomics (samples meet there like the
-            split-K slices of ``active_conv2d``'s dW). It reads x as the same zero-padded NHWC frame with a
-            per-position row table (``active_conv2d._padded_frame`` / ``_position_rows``). Rows past a sample's
-            count never accumulate: a filter inactive in every sample stays exactly zero.
+* dW:       one program per (filter tile, channel tile, tap) and sample reduces over the sample's H'*W' positions
+            and adds its tile into rows ``out_idx[n, j]`` of an fp32 buffer with fp32 atomics (samples meet there
+            like the split-K slices of the per-batch dW). Rows past a sample's count never accumulate: a filter
+            inactive in every sample stays exactly zero.
+
+The same kernels as the per-batch path, so the same layouts and small-C paths: fewer than 16 input channels (AlexNet's
+conv1) take the ROWS reduction over a kernel row's kw * C_PAD contiguous elements in the forward and dW, and dX reads
+W with its channels zero-padded to 16 (``active_conv2d``'s module docstring).
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
-from ._autotune import tuned
 from ._common import (
     activations_channels_last,
     channels_inner,
@@ -43,325 +45,21 @@ from ._common import (
     dot_precision,
     empty_like_format,
     is_channels_last,
+    take_channels,
 )
-from ._gemm import clamp_blocks, config_factory, dot_configs, inside, next_step, store_tile
-from .active_conv2d import _configs, _geometry, _padded_frame, _position_rows, _zero_dw_db
-
-# ----------------------------------------------------------------------------------------------------------------
-# Autotune lists: tiles of active_conv2d's lists (the same GEMM shapes: one sample's positions x filters or
-# channels), every tile with >= 64 rows (the smallest wgmma). Last field: fits fp32 with IEEE products (FMA dots keep
-# both operands and the accumulator in registers). Every config compiles without spills for sm_80 / sm_90 in the
-# dtypes it serves (bench.aot, kernels sample_*). Dropped for spilling: the forward's 128-wide filter tiles
-# (128x128x32 / 8 warps: 424 B on sm_80, 192 B on sm_90; 64x128x32 / 4 warps: 400 / 272 B, fp16; a gathered W tile
-# of 128 rows keeps a 64-bit row pointer per row) and dW's 64x128x32 / 4 warps (56 B on sm_80, fp16); kept off IEEE
-# fp32 for spilling there: the forward's 128x64x32 / 8 warps (16 B), 64x64x32 / 4 warps (80 B on sm_80) and
-# 128x32x32 / 4 warps (88 B on sm_80). Not timed on a GPU: untuned.
-# ----------------------------------------------------------------------------------------------------------------
-_FWD_TILES = [
-    (128, 64, 32, 8, 3, False),
-    (128, 64, 64, 8, 3, False),
-    (64, 64, 32, 4, 4, False),
-    (128, 32, 32, 4, 4, False),
-    (64, 32, 32, 4, 3, False),
-    (64, 32, 16, 4, 3, True),
-]
-_DX_TILES = [
-    (128, 128, 32, 8, 3, False),
-    (128, 64, 32, 8, 3, False),
-    (64, 64, 32, 4, 4, False),
-    (64, 32, 32, 4, 3, True),
-    (64, 32, 16, 4, 3, True),
-]
-# dW: (filters x channels) tiles of one tap and one sample, reduction over that sample's positions (BLOCK_K of them
-# per step).
-_DW_TILES = [
-    (64, 64, 32, 4, 3, True),
-    (128, 64, 32, 8, 3, True),
-    (64, 64, 64, 4, 3, False),
-    (64, 32, 32, 4, 3, True),
-]
-# The interpreter runs one program at a time in numpy: few large programs are fastest there.
-_INTERP_TILE = (64, 16, 16, 4, 1, True)
-_INTERP_DW_TILE = (16, 16, 64, 4, 1, True)
-
-_tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K")
-_dw_tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K", pre_hook=_zero_dw_db)
-
-_FWD_CONFIGS, _FWD_GPU, _FWD_FMA = _configs(_FWD_TILES, _INTERP_TILE, _tile)
-_DX_CONFIGS, _DX_GPU, _DX_FMA = _configs(_DX_TILES, _INTERP_TILE, _tile)
-_DW_CONFIGS, _DW_GPU, _DW_FMA = _configs(_DW_TILES, _INTERP_DW_TILE, _dw_tile)
-
-
-def _rows_fit(configs, positions):
-    """Drop 128-row position tiles when a sample has at most 64 positions (a tile never crosses a sample: the extra
-    rows would all be masked); 64 rows stay (the smallest wgmma)."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(positions))]
-    return kept or configs
-
-
-def _prune_fwd(configs, nargs, **kwargs):
-    a = {**nargs, **kwargs}
-    use = dot_configs(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA) or configs
-    return clamp_blocks(_rows_fit(use, a["HO"] * a["WO"]), a["N_OUT"], a["C"])
-
-
-def _prune_dx(configs, nargs, **kwargs):
-    a = {**nargs, **kwargs}
-    use = dot_configs(configs, a, "g_ptr", _DX_GPU, _DX_FMA) or configs
-    return clamp_blocks(_rows_fit(use, a["H"] * a["W"]), a["C"], a["R"])
-
-
-def _prune_dw(configs, nargs, **kwargs):
-    a = {**nargs, **kwargs}
-    use = dot_configs(configs, a, "g_ptr", _DW_GPU, _DW_FMA) or configs
-    # rows are filters here (BLOCK_M): clamp them as the "K" extent, channels as BLOCK_N
-    return clamp_blocks(use, a["C"], a["R"], n_name="BLOCK_N", k_name="BLOCK_M")
-
-
-# autotune key: the conv geometry and the dot precision (TF32 and IEEE fp32 are different kernels)
-_GEOMETRY = ["KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "PRECISION"]
-
-
-@triton.jit
-def _sample_count(count_ptr, nb, limit):
-    """``out_count[nb]`` clamped to [0, limit]."""
-    return tl.minimum(tl.maximum(tl.load(count_ptr + nb).to(tl.int32), 0), limit)
-
-
-@tuned(
-    configs=_FWD_CONFIGS,
-    key=["NB", "N_OUT", "C", "H", "W", "HO", "WO", "Y_CHANNELS_LAST"] + _GEOMETRY,
-    prune_configs_by={"early_config_prune": _prune_fwd},
-    buckets=["NB", "N_OUT", "C"],
+from .active_conv2d import (
+    ROWS_MAX_CHANNELS,
+    _active_conv2d_bwd_dw_kernel,
+    _active_conv2d_bwd_dx_kernel,
+    _active_conv2d_fwd_kernel,
+    _geometry,
+    _padded_frame,
+    _position_rows,
+    _rows_frame,
+    _rows_weight,
+    rows_channels,
+    rows_mode,
 )
-@triton.jit
-def _sample_conv2d_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, out_idx_ptr, count_ptr,
-    NB, N_OUT, C, H, W, HO, WO,
-    sxn, sxh, sxw, swo, swh, sww, syn, syc, syh, syw, sio,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, Y_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """``y[n, A_nj, oh, ow] = b[A_nj] + sum_{r, t, c} x[n, oh*s-p+r*d, ow*s-p+t*d, c] * W[A_nj, r, t, c]`` for the
-    active filters ``A_n = out_idx[n, :out_count[n]]`` of sample n (x NHWC, W (O, kh, kw, C)).
-
-    One program: BLOCK_M output positions of ONE sample x BLOCK_N of its active filters; one flat loop over (tap,
-    BLOCK_K channel chunk), as ``_active_conv2d_fwd_kernel``."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N_OUT, BLOCK_N)
-    tiles_hw = tl.cdiv(HO * WO, BLOCK_M)
-    # filter blocks vary fastest: the programs that run together share the same input tile
-    pid_n = pid % num_n
-    t = pid // num_n
-    pid_p = t % tiles_hw
-    nb = t // tiles_hw
-    count = _sample_count(count_ptr, nb, N_OUT)
-    if pid_n * BLOCK_N >= count:  # past this sample's active set: its outputs stay zero
-        return
-
-    sp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = sp < HO * WO
-    oh = sp // WO
-    ow = sp - oh * WO
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    nb64 = nb.to(tl.int64)  # a batch of large images passes 2**31 elements
-    x_pos = x_ptr + nb64 * sxn + ih0 * sxh + iw0 * sxw
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < count
-    o_w = tl.load(out_idx_ptr + nb64 * sio + offs_n, mask=n_mask, other=0)
-    w_rows = w_ptr + o_w.to(tl.int64) * swo
-    offs_k = tl.arange(0, BLOCK_K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    num_cc = tl.cdiv(C, BLOCK_K)
-    r = 0
-    s = 0
-    c0 = 0
-    for kk in range(0, KH * KW * num_cc):
-        ih = ih0 + r * DH
-        iw = iw0 + s * DW
-        valid = m_mask & inside(ih, H) & inside(iw, W)  # zero padding
-        k_mask = offs_k < C - c0
-        a = tl.load((x_pos + (r * DH * sxh + s * DW * sxw + c0))[:, None] + offs_k[None, :],
-                    mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load((w_rows + (r * swh + s * sww + c0))[None, :] + offs_k[:, None],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        r, s, c0 = next_step(r, s, c0, C, KW, BLOCK_K)
-
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o_w, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_rows = y_ptr + nb64 * syn + oh * syh + ow * syw
-    store_tile(y_rows, o_w * syc, acc.to(y_ptr.dtype.element_ty), m_mask, n_mask, not Y_CHANNELS_LAST)
-
-
-@tuned(
-    configs=_DX_CONFIGS,
-    key=["NB", "C", "R", "H", "W", "HO", "WO", "DX_CHANNELS_LAST"] + _GEOMETRY,
-    prune_configs_by={"early_config_prune": _prune_dx},
-    buckets=["NB", "C", "R"],
-)
-@triton.jit
-def _sample_conv2d_bwd_dx_kernel(
-    g_ptr, w_ptr, dx_ptr, out_idx_ptr, count_ptr,
-    NB, C, R, H, W, HO, WO,
-    sgn, sgh, sgw, swo, swh, sww, sdn, sdc, sdh, sdw, sio,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    DH: tl.constexpr, DW: tl.constexpr,
-    DX_CHANNELS_LAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dI through each sample's active filters only, the transposed convolution
-
-    ``dx[n, ih, iw, c] = sum_{r, t, j < count[n]} gk[n, (ih+p-r*d)/s, (iw+p-t*d)/s, j] * W[out_idx[n, j], r, t, c]``
-
-    where a term exists only when both quotients are exact and inside the output; ``gk`` is dy compacted per sample
-    (NHWC, R >= O columns: column j holds filter ``out_idx[n, j]``). One program: BLOCK_M input positions of ONE
-    sample x BLOCK_N channels; one flat loop over (tap, BLOCK_K chunk of the sample's filters)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(C, BLOCK_N)
-    tiles_hw = tl.cdiv(H * W, BLOCK_M)
-    pid_n = pid % num_n
-    t = pid // num_n
-    pid_p = t % tiles_hw
-    nb = t // tiles_hw
-    count = _sample_count(count_ptr, nb, R)
-    nb64 = nb.to(tl.int64)
-
-    sp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = sp < H * W
-    ih = sp // W
-    iw = sp - ih * W
-    g_img = g_ptr + nb64 * sgn
-    th0 = ih + PH
-    tw0 = iw + PW
-    g_pos = g_img + th0 * sgh + tw0 * sgw  # stride 1: the dy row of tap (r, s) is a fixed offset from it
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = offs_n < C
-    w_cols = w_ptr + offs_n
-    idx_row = out_idx_ptr + nb64 * sio
-    offs_k = tl.arange(0, BLOCK_K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # a sample with an empty set runs no step (its dx tile is stored as zeros)
-    num_kc = tl.cdiv(count, BLOCK_K)
-    r = 0
-    s = 0
-    k0 = 0
-    for kk in range(0, KH * KW * num_kc):
-        th = th0 - r * DH
-        tw = tw0 - s * DW
-        # gk is read up to its allocated R columns (a multiple of 16: the mask is constant over a 16-byte vector);
-        # the filters past the count are cut by W's mask, along W's rows, which does not split vectors
-        a_mask = offs_k < R - k0
-        k_mask = offs_k < count - k0
-        if SH * SW == 1:
-            valid = m_mask & inside(th, HO) & inside(tw, WO)
-            g_rows = g_pos - (r * DH * sgh + s * DW * sgw)
-        else:
-            oh = th // SH
-            ow = tw // SW
-            # th < 0 is masked first, so C-style truncating division of negatives never matters
-            valid = m_mask & (th >= 0) & (tw >= 0) & (oh < HO) & (ow < WO)
-            if SH > 1:
-                valid = valid & ((th % SH) == 0)
-            if SW > 1:
-                valid = valid & ((tw % SW) == 0)
-            g_rows = g_img + oh * sgh + ow * sgw
-        a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None] & a_mask[None, :], other=0.0)
-        # W rows of this chunk's filters (int32 offsets: the launcher checks W has < 2**31 elements)
-        o_k = tl.load(idx_row + k0 + offs_k, mask=k_mask, other=0)
-        b = tl.load(w_cols[None, :] + (o_k * swo + (r * swh + s * sww))[:, None],
-                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        r, s, k0 = next_step(r, s, k0, count, KW, BLOCK_K)
-
-    dx_rows = dx_ptr + nb64 * sdn + ih * sdh + iw * sdw
-    store_tile(dx_rows, offs_n * sdc, acc.to(dx_ptr.dtype.element_ty), m_mask, c_mask, not DX_CHANNELS_LAST)
-
-
-@tuned(
-    configs=_DW_CONFIGS,
-    key=["NB", "HW", "R", "C", "KH", "KW", "DH", "DW", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_dw},
-    buckets=["NB", "HW", "R", "C"],
-)
-@triton.jit
-def _sample_conv2d_bwd_dw_kernel(
-    g_ptr, x_ptr, rows_ptr, dw_ptr, db_ptr, out_idx_ptr, count_ptr,
-    NB, HW, R, C, WP, sg, sx, sio, sdo, sdc, sdh, sdw,
-    KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The update of each sample's active rows:
-
-    ``dW[A_nj, c, r, t] += sum_{oh, ow} gk[n, oh, ow, j] * x[n, oh*s-p+r*d, ow*s-p+t*d, c]`` and
-    ``db[A_nj] += sum_{oh, ow} gk[n, oh, ow, j]`` for j < count[n], with gk the dense (N*H'*W', R) matrix of dy
-    compacted per sample (row stride ``sg``) and x the zero-padded NHWC frame (row stride ``sx``) whose row for
-    tap (0, 0) of position m is ``rows_ptr[m]`` (``_position_rows``; tap (r, t) is ``r d WP + t d`` further).
-
-    One program: BLOCK_M of sample n's active filters x BLOCK_N channels of one tap, over all H'*W' positions of
-    sample n (program_id(1)); samples meet through fp32 atomics in ``dw_ptr`` (full (O, C, kh, kw) layout) and
-    ``db_ptr``, zeroed by the config's pre_hook."""
-    pid = tl.program_id(0)
-    nb = tl.program_id(1)
-    num_m = tl.cdiv(R, BLOCK_M)
-    num_cb = tl.cdiv(C, BLOCK_N)
-    pid_m = pid % num_m  # row blocks vary fastest: they share the x tile of this (tap, channel block)
-    pid_tc = pid // num_m
-    tap = pid_tc // num_cb
-    cb = pid_tc % num_cb
-    r = tap // KW
-    s = tap % KW
-    count = _sample_count(count_ptr, nb, R)
-    if pid_m * BLOCK_M >= count:
-        return
-    nb64 = nb.to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < count  # rows stored
-    m_read = offs_m < R  # rows read: gk's allocated columns (a constant mask over a 16-byte vector)
-    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = offs_n < C
-    tap_row = r * DH * WP + s * DW  # frame rows from tap (0, 0) to tap (r, s)
-    row_tab = rows_ptr + nb64 * HW
-
-    offs_k = tl.arange(0, BLOCK_K)
-    # dy^T tile (filters x positions), loaded position-major: the filters are gk's contiguous axis
-    g_ptrs = g_ptr + nb64 * HW * sg + (offs_k[:, None] * sg + offs_m[None, :])
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # db on the tensor cores, as in _active_conv2d_bwd_dw_kernel: dy^T times a (BLOCK_K, 16) tile of ones in column 0
-    first_col = (offs_k[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
-    ones = first_col.to(g_ptr.dtype.element_ty)
-    db_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    for k0 in range(0, HW, BLOCK_K):
-        k_mask = offs_k < HW - k0
-        a = tl.trans(tl.load(g_ptrs, mask=k_mask[:, None] & m_read[None, :], other=0.0))
-        rows = tl.load(row_tab + k0 + offs_k, mask=k_mask, other=0) + tap_row
-        b = tl.load(x_ptr + (rows * sx)[:, None] + offs_n[None, :], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            if pid_tc == 0:  # db once per (sample, row block): only the programs of tap 0 / channel block 0 sum dy
-                db_acc = tl.dot(a, ones, db_acc, input_precision=PRECISION)
-        g_ptrs += BLOCK_K * sg
-
-    o_w = tl.load(out_idx_ptr + nb64 * sio + offs_m, mask=m_mask, other=0)
-    dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (offs_n * sdc)[None, :] + r * sdh + s * sdw
-    tl.atomic_add(dw_ptrs, acc, mask=m_mask[:, None] & c_mask[None, :])
-    if HAS_BIAS:
-        if pid_tc == 0:
-            tl.atomic_add(db_ptr + o_w, tl.sum(db_acc, axis=1), mask=m_mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------------
 
 # gk's columns (and the int32 index rows) are padded to a multiple of this: 16 elements keep the dX / dW masks along
 # gk's contiguous axis constant over a 16-byte vector, and every row of gk 16-byte aligned.
@@ -425,17 +123,28 @@ def sample_conv2d_forward(
         if bias is not None:
             y += (bias.float()[None, :] * _sample_mask(out_idx, out_count, o)).to(y.dtype)[:, :, None, None]
         return y
-    xk = activations_channels_last(x)
-    wk = channels_inner(weight)
+    rows = rows_mode(c, dilation)
+    c_pad = rows_channels(c) if rows else 1
+    if rows:
+        # few channels: the zero-padded frame and W as (O, kh kw C_PAD) rows (active_conv2d's ROWS order)
+        xk = _rows_frame(x, None, padding, c_pad)
+        wk = _rows_weight(weight, None, c_pad)
+        sx, sw = (xk.stride(0), xk.stride(1), xk.stride(2)), (wk.stride(0), 0, 0)
+    else:
+        xk = activations_channels_last(x)
+        wk = channels_inner(weight)
+        sx, sw = (xk.stride(0), xk.stride(2), xk.stride(3)), (wk.stride(0), wk.stride(2), wk.stride(3))
     idx = out_idx.to(torch.int32).contiguous()
     count = out_count.contiguous()
     grid = lambda meta: (n * triton.cdiv(ho * wo, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"]),)  # noqa: E731
-    _sample_conv2d_fwd_kernel[grid](
+    _active_conv2d_fwd_kernel[grid](
         xk, wk, bias if bias is not None else wk, y, idx, count,
-        n, o, c, h, w, ho, wo,
-        xk.stride(0), xk.stride(2), xk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *y.stride(), idx.stride(0),
+        n * ho * wo, o, c, h, w, ho, wo,
+        *sx, *sw, *y.stride(), idx.stride(0),
         **_geometry(weight, stride, padding, dilation),
-        HAS_BIAS=bias is not None, Y_CHANNELS_LAST=is_channels_last(y), PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, HAS_OUT_IDX=True, COMPACT_OUT=False, HAS_COUNT=True,
+        Y_CHANNELS_LAST=is_channels_last(y), PRECISION=dot_precision(x.dtype), ROWS=rows, C_PAD=c_pad,
+        PER_SAMPLE=True,
     )
     return y
 
@@ -481,13 +190,20 @@ def sample_conv2d_backward(
     if need_x:
         dx = empty_like_format(x, x.shape, zero=empty)
         if not empty:
-            wk = channels_inner(weight)
+            c_ld = 0
+            if c < ROWS_MAX_CHANNELS:
+                # few channels: W's channel axis zero-padded to 16 (vector loads of the dot's N side)
+                c_ld = triton.cdiv(c, 16) * 16
+                wk = take_channels(weight, None, c_ld)
+            else:
+                wk = channels_inner(weight)
             grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
-            _sample_conv2d_bwd_dx_kernel[grid](
-                gk, wk, dx, idx, count,
-                n, c, r_cols, h, w, ho, wo,
+            _active_conv2d_bwd_dx_kernel[grid](
+                gk, wk, dx, wk, count, idx,
+                n * h * w, c, r_cols, h, w, ho, wo,
                 gk.stride(0), gk.stride(1), gk.stride(2), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(),
-                idx.stride(0), **geometry, DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec,
+                idx.stride(0), **geometry, SCATTER_IN=False, HAS_COUNT=True, DX_CHANNELS_LAST=is_channels_last(dx),
+                PRECISION=prec, C_LD=c_ld, PER_SAMPLE=True,
             )
 
     fused_db = False
@@ -496,20 +212,32 @@ def sample_conv2d_backward(
         # pre_hook zeroes both before every launch (autotuning included)
         dw32 = (torch.zeros if empty else torch.empty)(weight.shape, dtype=torch.float32, device=weight.device)
         if not empty:
-            db32 = torch.empty(o, dtype=torch.float32, device=weight.device) if need_b else dw32
-            frame = _padded_frame(x, padding)
+            rows_dw = rows_mode(c, dilation)
+            # db fused into the dW loop except with ROWS (as the per-batch launcher: a torch sum below)
+            fuse_b = need_b and not rows_dw
+            db32 = torch.empty(o, dtype=torch.float32, device=weight.device) if fuse_b else dw32
+            c_pad = rows_channels(c) if rows_dw else 1
+            if rows_dw:
+                # ROWS: a program's columns are a kernel row's kw * C_PAD elements; the frame's zero image (after
+                # the N) is what the table entries past a sample's positions read
+                frame = _rows_frame(x, None, padding, c_pad, zero_image=True)
+                taps, n_extent, zero_row = kh, kw * c_pad, n * frame.shape[1] * frame.shape[2]
+            else:
+                frame = _padded_frame(x, padding)
+                taps, n_extent, zero_row = kh * kw, c, 0
             rows = _position_rows(n, ho, wo, frame.shape[1], frame.shape[2], frame.numel() >= 2**31, tuple(stride),
                                   x.device)
 
             def grid(meta):
-                return (triton.cdiv(r_cols, meta["BLOCK_M"]) * kh * kw * triton.cdiv(c, meta["BLOCK_N"]), n)
+                return (triton.cdiv(r_cols, meta["BLOCK_M"]) * taps * triton.cdiv(n_extent, meta["BLOCK_N"]), n)
 
-            _sample_conv2d_bwd_dw_kernel[grid](
-                gk, frame, rows, dw32, db32, idx, count,
-                n, ho * wo, r_cols, c, frame.shape[2], gk.shape[3], c, idx.stride(0), *dw32.stride(),
-                KH=kh, KW=kw, DH=dilation[0], DW=dilation[1], HAS_BIAS=need_b, PRECISION=prec,
+            _active_conv2d_bwd_dw_kernel[grid](
+                gk, frame, rows, dw32, db32, idx, idx, count,
+                ho * wo, r_cols, c, frame.shape[2], r_cols, frame.shape[3], *dw32.stride(), idx.stride(0), zero_row,
+                KH=kh, KW=kw, DH=dilation[0], DW=dilation[1], HAS_BIAS=fuse_b, HAS_OUT_IDX=True, HAS_IN_IDX=False,
+                HAS_COUNT=True, PRECISION=prec, ROWS=rows_dw, C_PAD=c_pad, PER_SAMPLE=True,
             )
-            if need_b:
+            if fuse_b:
                 db, fused_db = db32.to(weight.dtype), True
         dw = dw32.to(weight.dtype)
 

@@ -178,6 +178,26 @@ def test_several_chunks_per_tap_and_tiles_per_sample(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [5, 17], ids=["rows-path", "tap-major-path"])
+def test_a_sample_never_reads_its_neighbours_pixels(device, channels):
+    """Sample 1 holds non-finite pixels and no active filter: sample 0's results, forward and every gradient, are
+    exactly those of sample 0 alone. The dW tiles of sample 0 run past its 72 positions (BLOCK_K = 64 in the
+    interpreter): with few channels (the ROWS path) the position-row table past a sample points at the frame's zero
+    image, not at sample 1, whose inf would turn the zero products of the masked dy into NaN."""
+    shape = (channels, 9, 8, 7, 3, 3, 1, 1, 1)
+    x, w, b, out_idx, out_count, gy = make_case(shape, torch.float32, device, [7, 0], seed=13)
+    x[1, :, 2:5, 3] = float("inf")
+    x[1, 0, 0, 0] = float("nan")
+    both = run_kernels(x, w, b, out_idx, out_count, shape, gy)
+    alone = run_kernels(x[:1], w, b, out_idx[:1], out_count[:1], shape, gy[:1])
+    assert torch.equal(both[0][:1], alone[0]) and torch.equal(both[1][:1], alone[1])
+    assert torch.isfinite(both[2]).all() and torch.isfinite(both[3]).all()
+    torch.testing.assert_close(both[2], alone[2], rtol=1e-6, atol=1e-6)  # fp32 atomics: summation order may differ
+    torch.testing.assert_close(both[3], alone[3], rtol=1e-6, atol=1e-6)
+    assert (both[0][1] == 0).all() and (both[1][1] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dw_never_touches_rows_inactive_in_every_sample(device):
     """Filters 0, 3 and 6 are active in no sample: their dW and db rows stay exactly zero (never accumulated),
     whatever the padding of the index rows holds (here: repeats of active filters and of filter 0)."""
@@ -315,25 +335,34 @@ def test_per_sample_histogram_with_in_idx_and_empty_in_idx(device):
 
 
 def test_prunes_read_keyword_arguments_as_triton_passes_them():
-    """The prunes read the launch's positional arguments (``nargs``) and keyword ones (PRECISION) as Triton's
-    autotuner passes them; IEEE fp32 keeps only the tiles marked to fit FMA dots; a sample of at most 64 positions
-    gets no 128-row position tile."""
+    """The per-sample launches run active_conv2d's kernels with PER_SAMPLE: their prunes read the launch's
+    positional arguments (``nargs``) and keyword ones (PRECISION, PER_SAMPLE) as Triton's autotuner passes them and
+    keep the per-sample subsets (IEEE fp32: only the tiles marked to fit FMA dots; dW: no split-K, program_id(1) is
+    the sample); a sample of at most 64 positions gets no 128-row position tile."""
     from triton.runtime.jit import MockTensor
 
-    from tritonslide.kernels import sample_conv2d as k
+    from tritonslide.kernels import active_conv2d as k
 
-    extents = {"N_OUT": 128, "C": 128, "R": 128, "HO": 28, "WO": 28, "H": 28, "W": 28}
-    for prune, configs, fma, ptr in ((k._prune_fwd, k._FWD_GPU, k._FWD_FMA, "x_ptr"),
-                                     (k._prune_dx, k._DX_GPU, k._DX_FMA, "g_ptr"),
-                                     (k._prune_dw, k._DW_GPU, k._DW_FMA, "g_ptr")):
-        fits = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in fma}
+    extents = {"N_ACT": 128, "C_ACT": 128, "R_ACT": 128, "HO": 28, "WO": 28, "H": 28, "W": 28, "K_RED": 784,
+               "KH": 3, "KW": 3}
+
+    def keys(cs):
+        return {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in cs}
+
+    for prune, configs, use, fma, ptr in ((k._prune_fwd, k._FWD_GPU, k._FWD_SAMPLE_GPU, k._FWD_SAMPLE_FMA, "x_ptr"),
+                                          (k._prune_dx, k._DX_GPU, k._DX_SAMPLE_GPU, k._DX_SAMPLE_FMA, "g_ptr"),
+                                          (k._prune_dw, k._DW_GPU, k._DW_SAMPLE_GPU, k._DW_SAMPLE_FMA, "g_ptr")):
         for dtype, prec in ((torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
-            kept = prune(configs, {**extents, ptr: MockTensor(dtype)}, PRECISION=prec)
+            kept = prune(configs, {**extents, ptr: MockTensor(dtype)}, PRECISION=prec, PER_SAMPLE=True)
             assert kept, (prune.__name__, dtype, prec)
+            assert keys(kept) <= keys(use), prune.__name__
             if prec == "ieee" and dtype == torch.float32:
-                assert {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept} <= fits
+                assert keys(kept) <= keys(fma)
+            if prune is k._prune_dw:
+                assert all(c.kwargs["SPLIT_K"] == 1 for c in kept)
     small = {**extents, "HO": 7, "WO": 7, "x_ptr": MockTensor(torch.float16)}
-    assert all(c.kwargs["BLOCK_M"] == 64 for c in k._prune_fwd(k._FWD_GPU, small, PRECISION="ieee"))
+    kept = k._prune_fwd(k._FWD_GPU, small, PRECISION="ieee", PER_SAMPLE=True)
+    assert kept and all(c.kwargs["BLOCK_M"] == 64 for c in kept)
 
 
 # ---------------------------------------------------------------------- through the op layer
