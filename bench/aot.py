@@ -121,6 +121,13 @@ CONV_SHAPES = {
 ACTIVE_FRACTION = 0.25  # ALSH active sets of a quarter of the filters / channels
 
 
+def _dx_phases(h, w, geom):
+    """The dX launchers' stride phases (``kernels/active_conv2d.py: dx_phases``)."""
+    from tritonslide.kernels.active_conv2d import dx_phases
+
+    return dx_phases(h, w, (geom["SH"], geom["SW"]), (geom["DH"], geom["DW"]))
+
+
 def _active_common(case, dtype, prec):
     """The kernels' operands as the launchers hand them over: x / dy NHWC holding the active channels only (the
     launchers compact in_idx / out_idx channels before the kernels), W as (O, kh, kw, C_act); ``layout`` is the
@@ -158,9 +165,10 @@ def _active_dx_base_args(case, dtype, prec):
     sg, sw, sd = _strides((n, n_act, ho, wo), True), _strides((o, c_act, geom["KH"], geom["KW"]), True), \
         _strides((n, c, h, w), cl)
     sw = _strides((n_act, c_act, geom["KH"], geom["KW"]), True)  # W's active rows and channels, compacted
+    per_image, _, taps = _dx_phases(h, w, geom)
     return dict(g_ptr=t, w_ptr=t, dx_ptr=t, count_ptr=idx_args["count_ptr"], out_idx_ptr=t,
-                in_idx_ptr=_mock(torch.int32) if has_in else t,
-                M=n * h * w, C_ACT=c_act, R_ACT=n_act, H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgh=sg[2], sgw=sg[3],
+                in_idx_ptr=_mock(torch.int32) if has_in else t, M=n * per_image, **taps,
+                C_ACT=c_act, R_ACT=n_act, H=h, W=w, HO=ho, WO=wo, sgn=sg[0], sgh=sg[2], sgw=sg[3],
                 swo=sw[0], swh=sw[2], sww=sw[3], sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=0, **geom,
                 SCATTER_IN=has_in, HAS_COUNT=has_count, DX_CHANNELS_LAST=cl, PRECISION=prec)
 
@@ -175,8 +183,8 @@ def _active_dw_base_args(case, dtype, prec):
     return dict(g_ptr=t, x_ptr=t, rows_ptr=_mock(torch.int32), dw_ptr=f32, db_ptr=f32, **idx_args,
                 in_idx_ptr=_mock(torch.int32) if has_in else t, K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act,
                 WP=w + 2 * geom["PW"], sg=n_act, sx=c_act, sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=0,
-                zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_BIAS=True, HAS_OUT_IDX=has_out,
-                HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
+                zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_BIAS=True,
+                HAS_OUT_IDX=has_out, HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
 
 
 def _hist_args(case, dtype, prec):
@@ -250,7 +258,9 @@ def _sample_dx_args(case, dtype, prec):
     n, c, o, h, w, ho, wo, cl, r_cols, geom, i32, i64, t = _sample_common(case, dtype)
     c_ld = 16 if c < 16 else 0
     sw, sd = _strides((o, c_ld or c, geom["KH"], geom["KW"]), True), _strides((n, c, h, w), cl)
-    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, in_idx_ptr=t, count_ptr=i64, out_idx_ptr=i32, M=n * h * w, C_ACT=c,
+    per_image, _, taps = _dx_phases(h, w, geom)
+    return dict(g_ptr=t, w_ptr=t, dx_ptr=t, in_idx_ptr=t, count_ptr=i64, out_idx_ptr=i32, M=n * per_image, **taps,
+                C_ACT=c,
                 R_ACT=r_cols, H=h, W=w, HO=ho, WO=wo, sgn=ho * wo * r_cols, sgh=wo * r_cols, sgw=r_cols, swo=sw[0],
                 swh=sw[2], sww=sw[3], sdn=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=r_cols, **geom,
                 SCATTER_IN=False, HAS_COUNT=True, DX_CHANNELS_LAST=cl, PRECISION=prec, C_LD=c_ld, PER_SAMPLE=True)

@@ -119,10 +119,11 @@ def store_tile(row_ptrs, col_offs, value, row_mask, col_mask, ROWS_CONTIGUOUS: t
 
 
 @triton.jit
-def next_step(r, s, c0, EXTENT, KW: tl.constexpr, BLOCK: tl.constexpr):
+def next_step(r, s, c0, EXTENT, KW, BLOCK: tl.constexpr):
     """The step after (tap row r, tap column s, chunk start c0) of a flat (tap, chunk) reduction loop: the next
-    chunk of ``EXTENT`` channels / filters, else the next tap. Scalar selects carried by the loop; deriving the
-    three from the step number costs a division by the runtime chunk count (I2F / MUFU.RCP / F2I in SASS)."""
+    chunk of ``EXTENT`` channels / filters, else the next tap (``KW`` taps per row: a constexpr, or the runtime tap
+    count of a stride phase). Scalar selects carried by the loop; deriving the three from the step number costs a
+    division by the runtime chunk count (I2F / MUFU.RCP / F2I in SASS)."""
     c0 += BLOCK
     wrap = c0 >= EXTENT
     c0 = tl.where(wrap, 0, c0)
@@ -131,6 +132,22 @@ def next_step(r, s, c0, EXTENT, KW: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.where(wrap_s, 0, s)
     r = tl.where(wrap_s, r + 1, r)
     return r, s, c0
+
+
+@triton.jit
+def phase_taps(ph, K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr, TAP: tl.constexpr):
+    """The taps of one stride phase of a transposed convolution along one axis (stride S > 1, padding P, dilation
+    D, K taps): the input positions ``ph + i S`` receive from the taps ``t`` with ``(ph + P - t D) % S == 0``, i.e.
+    ``first, first + TAP, ...`` (``TAP = S / gcd(S, D)``, from the launcher). Returns (how many, first, the dy offset
+    ``(ph + P - first D) / S`` of the first: exact); tap k of the phase reads dy row ``i + q0 - k TAP D / S``. A
+    phase that no tap reaches has 0 taps (its positions get zeros)."""
+    tl.static_assert((TAP * D) % S == 0)
+    first = ph * 0 + K
+    for u in tl.static_range(TAP):  # downwards (tap TAP - 1 - u): the smallest hit is the last one kept
+        # a negative dividend leaves a nonzero remainder in C and Python alike
+        first = tl.where((ph + P - (TAP - 1 - u) * D) % S == 0, TAP - 1 - u, first)
+    n = tl.where(first < K, (K - first + TAP - 1) // TAP, 0)
+    return n, first, (ph + P - first * D) // S  # exact: truncating and floor division agree
 
 
 @triton.jit

@@ -20,7 +20,8 @@ each address and its padding mask are computed once per tap rather than once per
 
 * forward:  (N*H'*W' positions) x (active filters), reduction over (taps x active input channels);
 * dX:       (N*H*W input positions) x (active input channels), reduction over (taps x active filters); a tap
-            contributes to input row ``ih`` only when ``(ih + p - r*d) % s == 0`` (masked, as the transposed conv);
+            contributes to input row ``ih`` only when ``(ih + p - r*d) % s == 0``, so a strided layer runs one set of
+            programs per stride phase (``ih % s``), each looping over the taps that reach its phase only;
 * dW:       (active filters) x (active input channels), one tap per program, reduction over N*H'*W' with split-K
             (fp32 atomics into an fp32 buffer; the interpreter has no fp16 atomic_add); db is summed from the same
             dy tiles by the programs of tap 0 / channel block 0. x arrives as a zero-padded NHWC frame with a
@@ -34,8 +35,12 @@ C_PAD contiguous elements (d = r kw C_PAD + j, W as (O, kh kw C_PAD) rows, ``_ro
 kw * C_PAD elements of one kernel row (11 programs of 44 columns instead of 121 of 3 channels on conv1), and dX
 reads W with its channels zero-padded to 16 (the dot's N side). The zero channels meet zero weights: they never
 change a result. bench.aot (conv1, fp16 / bf16 / TF32, sm_80 / sm_90): every main loop loads by cp.async (8-byte
-x vectors, no 2-byte scalars), no spills, and the loop per K step is 0.6-1.0x a dense Triton GEMM's (forward), 1.1-
-1.5x (dW), 1.5-2.1x (dX: the strided transposed conv's per-row tap tests).
+x vectors, no 2-byte scalars), no spills, and the loop per K step is 0.85-0.98x a dense Triton GEMM's (forward),
+1.07-1.18x (dW), about 1.5x (dX, split by stride phase: 1/16 of the (position, tap) steps of masking every tap).
+
+``PER_SAMPLE`` (issue #15): the same three kernels with one active set per sample (``sample_conv2d.py``'s
+launchers): a program's positions lie in one sample, it reads that sample's index row and count, and dW's second
+grid axis is the sample instead of a split-K slice.
 
 ``out_count`` (a 0-d / 1-element int64 tensor on x's device) lets the ALSH layer choose its active set on the GPU
 without a host sync: ``out_idx`` then has a fixed length O and only its first ``out_count`` entries are used; the
@@ -44,6 +49,7 @@ kernels launch over all O rows and the programs past the count exit without writ
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -61,7 +67,17 @@ from ._common import (
     is_channels_last,
     take_channels,
 )
-from ._gemm import clamp_blocks, config_factory, dot_configs, inside, load_index, next_step, store_tile, valid_count
+from ._gemm import (
+    clamp_blocks,
+    config_factory,
+    dot_configs,
+    inside,
+    load_index,
+    next_step,
+    phase_taps,
+    store_tile,
+    valid_count,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Autotune lists. Tiles follow the usual Hopper GEMM shapes (128x128x32 / 8 warps for large GEMMs, narrower N for
@@ -380,7 +396,7 @@ def _active_conv2d_bwd_dx_kernel(
     DH: tl.constexpr, DW: tl.constexpr,
     SCATTER_IN: tl.constexpr, HAS_COUNT: tl.constexpr, DX_CHANNELS_LAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    C_LD: tl.constexpr = 0, PER_SAMPLE: tl.constexpr = False,
+    C_LD: tl.constexpr = 0, PER_SAMPLE: tl.constexpr = False, TAP_SH: tl.constexpr = 1, TAP_SW: tl.constexpr = 1,
 ):
     """Alg. 5 (Feeney 2019), ``dI`` through the active filters only: the transposed convolution
 
@@ -390,6 +406,12 @@ def _active_conv2d_bwd_dx_kernel(
     channels only (R_ACT of them, NHWC) and W their rows only, in the same order, each with the active input
     channels (C_ACT, innermost): the launcher compacts both, so no index is read in the loop. One program:
     BLOCK_M input positions x BLOCK_N active input channels; one flat loop over (tap, BLOCK_K filter chunk).
+
+    Strided layers are split by stride phase: the programs of phase (pr, pc) compute the input positions
+    (pr + i s, pc + j s), which only the taps r = r0, r0 + s', ... (s' = ``TAP_SH`` = s / gcd(s, d)) reach, each
+    from the dy row i + (pr + p - r d) / s: a stride-1 loop over about kh kw / (s_h s_w) taps. Looping over every
+    tap for every position and masking the rows whose quotient is not exact multiplied zeros for all but 1 / (s_h
+    s_w) of the (position, tap) pairs: 16x the work on AlexNet's conv1 (stride 4), 4x on a stride-2 layer.
 
     ``C_LD`` > 0 (few channels): W's channel axis is zero-padded to C_LD, a multiple of 16, so that its rows load as
     16-byte vectors without a channel mask (C_ACT = 3 channels are 6 bytes: 2-byte scalar loads otherwise); the
@@ -402,29 +424,53 @@ def _active_conv2d_bwd_dx_kernel(
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_ACT, BLOCK_N)
     pid_n = pid % num_n
+    # stride phases: a program's input positions share (ih mod SH, iw mod SW) = (pr, pc): positions
+    # (pr + i SH, pc + j SW) for i < HI = cdiv(H, SH), j < WI = cdiv(W, SW); phases vary after the channel blocks
+    HI = tl.cdiv(H, SH)
+    WI = tl.cdiv(W, SW)
+    rest = pid // num_n
+    phase = rest % (SH * SW)
+    rest = rest // (SH * SW)
     if PER_SAMPLE:
-        tiles_hw = tl.cdiv(H * W, BLOCK_M)
-        pid_p = (pid // num_n) % tiles_hw
-        nb = pid // num_n // tiles_hw
+        tiles_hw = tl.cdiv(HI * WI, BLOCK_M)
+        pid_p = rest % tiles_hw
+        nb = rest // tiles_hw
         r_valid = valid_count(count_ptr + nb, R_ACT, True)
         sp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = sp < H * W
-        ih = sp // W
-        iw = sp - ih * W
+        m_mask = sp < HI * WI
+        i = sp // WI
+        j = sp - i * WI
         idx_row = out_idx_ptr + nb.to(tl.int64) * sio
     else:
-        pid_m = pid // num_n
         r_valid = valid_count(count_ptr, R_ACT, HAS_COUNT)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        iw = offs_m % W
-        t = offs_m // W
-        ih = t % H
-        nb = t // H
+        offs_m = rest * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M  # M = N HI WI
+        j = offs_m % WI
+        t = offs_m // WI
+        i = t % HI
+        nb = t // HI
+    # taps of the phase: r with (pr + p - r d) % s == 0, i.e. r0, r0 + TAP_SH, ... (TAP_SH = s / gcd(s, d)); tap r
+    # reads dy row i + (pr + p - r d) / s (exact), a fixed offset from i: the loop tests bounds, never divides.
+    # Positions past H / W (a phase with fewer rows or columns than HI / WI) are computed from in-bounds dy rows
+    # and never stored.
+    if SH == 1:  # one phase: every tap, as a plain stride-1 transposed convolution
+        n_r, r0, qr0, ih = KH, 0, PH, i
+    else:
+        pr = phase // SW
+        n_r, r0, qr0 = phase_taps(pr, KH, SH, PH, DH, TAP_SH)
+        ih = pr + i * SH
+    if SW == 1:
+        n_s, s0, qs0, iw = KW, 0, PW, j
+    else:
+        pc = phase % SW
+        n_s, s0, qs0 = phase_taps(pc, KW, SW, PW, DW, TAP_SW)
+        iw = pc + j * SW
+    QSTEP_R: tl.constexpr = TAP_SH * DH // SH  # dy rows between consecutive taps of the phase
+    QSTEP_S: tl.constexpr = TAP_SW * DW // SW
     g_img = g_ptr + nb.to(tl.int64) * sgn
-    th0 = ih + PH
-    tw0 = iw + PW
-    g_pos = g_img + th0 * sgh + tw0 * sgw  # stride 1: the dy row of tap (r, s) is a fixed offset from it
+    th0 = i + qr0
+    tw0 = j + qs0
+    g_pos = g_img + th0 * sgh + tw0 * sgw  # the dy row of tap (r0, s0); tap k of the phase is a fixed offset on
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_n < C_ACT
@@ -432,55 +478,46 @@ def _active_conv2d_bwd_dx_kernel(
         c_read = offs_n < C_LD  # constant over 16 columns: vectors
     else:
         c_read = c_mask
-    w_cols = w_ptr + offs_n
+    w_cols = w_ptr + offs_n + (r0 * swh + s0 * sww)
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the padding rows of out_count cost nothing: the loop stops at the count
     num_kc = tl.cdiv(r_valid, BLOCK_K)
-    r = 0
+    r = 0  # the phase's tap numbers (tap r0 + r TAP_SH, s0 + s TAP_SW)
     s = 0
     k0 = 0
-    for kk in range(0, KH * KW * num_kc):
-        th = th0 - r * DH
-        tw = tw0 - s * DW
+    for kk in range(0, n_r * n_s * num_kc):
+        th = th0 - r * QSTEP_R
+        tw = tw0 - s * QSTEP_S
         # dy is read up to its allocated R_ACT channels (a multiple of 16 keeps this mask constant over a 16-byte
         # vector); the filters past out_count are cut by W's mask, along W's rows, which does not split vectors
         a_mask = offs_k < R_ACT - k0
         k_mask = offs_k < r_valid - k0
-        if SH * SW == 1:
-            valid = m_mask & inside(th, HO) & inside(tw, WO)
-            g_rows = g_pos - (r * DH * sgh + s * DW * sgw)
-        else:
-            # unsigned: a negative th wraps to a value whose quotient fails the bound test, so there is no sign test
-            # and a power-of-two stride divides by a shift and tests the remainder with a mask (sm_90, conv1 stride
-            # 4: -7 SASS instructions per step against signed // and %)
-            thu = th.to(tl.uint32, bitcast=True)
-            twu = tw.to(tl.uint32, bitcast=True)
-            ohu = thu // SH
-            owu = twu // SW
-            valid = m_mask & (ohu < HO) & (owu < WO)
-            if SH > 1:
-                valid = valid & ((thu % SH) == 0)
-            if SW > 1:
-                valid = valid & ((twu % SW) == 0)
-            g_rows = g_img + ohu.to(tl.int32, bitcast=True) * sgh + owu.to(tl.int32, bitcast=True) * sgw
+        valid = m_mask & inside(th, HO) & inside(tw, WO)
+        g_rows = g_pos - (r * QSTEP_R * sgh + s * QSTEP_S * sgw)
+        w_tap = r * (TAP_SH * swh) + s * (TAP_SW * sww)
         a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None] & a_mask[None, :], other=0.0)
         if PER_SAMPLE:
             # W rows of this chunk's filters (int32 offsets: the launcher checks W has < 2**31 elements)
             o_k = tl.load(idx_row + k0 + offs_k, mask=k_mask, other=0)
-            b = tl.load(w_cols[None, :] + (o_k * swo + (r * swh + s * sww))[:, None],
+            b = tl.load(w_cols[None, :] + (o_k * swo + w_tap)[:, None],
                         mask=k_mask[:, None] & c_read[None, :], other=0.0)
         else:
-            b = tl.load((w_cols + (r * swh + s * sww + k0 * swo))[None, :] + (offs_k * swo)[:, None],
+            b = tl.load((w_cols + (w_tap + k0 * swo))[None, :] + (offs_k * swo)[:, None],
                         mask=k_mask[:, None] & c_read[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        r, s, k0 = next_step(r, s, k0, r_valid, KW, BLOCK_K)
+        r, s, k0 = next_step(r, s, k0, r_valid, n_s, BLOCK_K)
 
+    # rows past H or W: one test of min(H - 1 - ih, W - 1 - iw) (two i1 masks there made ptxas reserve an 8-byte
+    # stack frame, sm_90, conv1)
+    st_mask = m_mask
+    if SH * SW > 1:
+        st_mask = st_mask & (tl.minimum((H - 1) - ih, (W - 1) - iw) >= 0)
     # scatter into the full-size dx (inactive channels zeroed by the launcher), or write the compact one
     c_dx = load_index(in_idx_ptr, offs_n, c_mask, SCATTER_IN)
     dx_rows = dx_ptr + nb.to(tl.int64) * sdn + ih * sdh + iw * sdw
-    store_tile(dx_rows, c_dx * sdc, acc.to(dx_ptr.dtype.element_ty), m_mask, c_mask, not DX_CHANNELS_LAST)
+    store_tile(dx_rows, c_dx * sdc, acc.to(dx_ptr.dtype.element_ty), st_mask, c_mask, not DX_CHANNELS_LAST)
 
 
 @tuned(
@@ -658,6 +695,14 @@ def _geometry(weight, stride, padding, dilation):
     kh, kw = weight.shape[-2:]
     return {"KH": kh, "KW": kw, "SH": stride[0], "SW": stride[1], "PH": padding[0], "PW": padding[1],
             "DH": dilation[0], "DW": dilation[1]}
+
+
+def dx_phases(h: int, w: int, stride, dilation) -> tuple[int, int, dict]:
+    """The dX kernel's stride phases: (positions per image and phase, phases, the tap steps TAP_SH / TAP_SW =
+    stride / gcd(stride, dilation) within a phase)."""
+    sh, sw = stride
+    taps = {"TAP_SH": sh // math.gcd(sh, dilation[0]), "TAP_SW": sw // math.gcd(sw, dilation[1])}
+    return triton.cdiv(h, sh) * triton.cdiv(w, sw), sh * sw, taps
 
 
 def _padded_frame(xk: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
@@ -893,14 +938,18 @@ def active_conv2d_backward(
                 wk = w_rows.contiguous(memory_format=torch.channels_last)
             else:
                 wk = channels_inner(weight)
-            m = n * x.shape[2] * x.shape[3]
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_act, meta["BLOCK_N"]),)  # noqa: E731
+            per_image, phases, taps = dx_phases(x.shape[2], x.shape[3], stride, dilation)
+            m = n * per_image
+
+            def grid(meta):
+                return (triton.cdiv(m, meta["BLOCK_M"]) * phases * triton.cdiv(c_act, meta["BLOCK_N"]),)
+
             _active_conv2d_bwd_dx_kernel[grid](
                 gk, wk, dx, i_idx if scatter else dummy, count_arg, dummy,
                 m, c_act, n_act, x.shape[2], x.shape[3], ho, wo,
                 gk.stride(0), gk.stride(2), gk.stride(3), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(), 0,
                 **geometry, SCATTER_IN=scatter, HAS_COUNT=count is not None,
-                DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec, C_LD=c_ld,
+                DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec, C_LD=c_ld, **taps,
             )
 
     fused_db = False

@@ -57,6 +57,7 @@ from .active_conv2d import (
     _position_rows,
     _rows_frame,
     _rows_weight,
+    dx_phases,
     rows_channels,
     rows_mode,
 )
@@ -197,13 +198,17 @@ def sample_conv2d_backward(
                 wk = take_channels(weight, None, c_ld)
             else:
                 wk = channels_inner(weight)
-            grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
+            per_image, phases, taps = dx_phases(h, w, stride, dilation)
+
+            def grid(meta):
+                return (n * triton.cdiv(per_image, meta["BLOCK_M"]) * phases * triton.cdiv(c, meta["BLOCK_N"]),)
+
             _active_conv2d_bwd_dx_kernel[grid](
                 gk, wk, dx, wk, count, idx,
-                n * h * w, c, r_cols, h, w, ho, wo,
+                n * per_image, c, r_cols, h, w, ho, wo,
                 gk.stride(0), gk.stride(1), gk.stride(2), wk.stride(0), wk.stride(2), wk.stride(3), *dx.stride(),
                 idx.stride(0), **geometry, SCATTER_IN=False, HAS_COUNT=True, DX_CHANNELS_LAST=is_channels_last(dx),
-                PRECISION=prec, C_LD=c_ld, PER_SAMPLE=True,
+                PRECISION=prec, C_LD=c_ld, PER_SAMPLE=True, **taps,
             )
 
     fused_db = False

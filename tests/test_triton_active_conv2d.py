@@ -140,6 +140,30 @@ def test_reductions_of_several_chunks_per_tap(device, fracs):
     check_against_reference(shape, torch.float32, got, ref, out_idx, in_idx)
 
 
+# dX runs one program set per stride phase, over the taps that reach it: phases that no tap reaches (a kernel smaller
+# than the stride: 1x1 s2, 2x2 s3), phases with fewer rows than the others (H, W not multiples of the stride), a
+# dilation sharing a factor with the stride (3x3 s2 d2: every tap or none), a stride coprime with the dilation
+# (3x3 s3 d2: the taps of a phase step by 3), and several filter chunks per tap (21 filters) on top of it.
+STRIDE_PHASE_SHAPES = [
+    (2, 5, 7, 6, 7, 1, 1, 2, 0, 1),
+    (1, 4, 8, 7, 6, 2, 2, 3, 1, 1),
+    (1, 6, 9, 11, 5, 3, 3, 2, 1, 2),
+    (1, 5, 13, 10, 4, 3, 3, 3, 2, 2),
+    (1, 5, 9, 8, 21, 3, 3, (2, 3), (1, 2), 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", STRIDE_PHASE_SHAPES, ids=["1x1s2", "2x2s3", "3x3s2d2", "3x3s3d2", "3x3s23-21f"])
+def test_dx_by_stride_phase_matches_reference(device, shape):
+    x, w, b, out_idx, in_idx, gy = make_case(shape, torch.float32, device, 0.8, None, seed=5)
+    got = run_triton(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    ref = masked_reference(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    check_against_reference(shape, torch.float32, got, ref, out_idx, in_idx)
+    if shape[5] == 1:  # 1x1 stride 2: the input positions between the strided ones get exactly zero
+        assert (got[1][:, :, 1::2] == 0).all() and (got[1][:, :, :, 1::2] == 0).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_updated_in_place_is_seen(device):
     """The kernel-layout copy of W is cached per weight version: an in-place update (an optimizer step) must be

@@ -198,6 +198,18 @@ def test_a_sample_never_reads_its_neighbours_pixels(device, channels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 7, 6, 7, 1, 1, 2, 0, 1), (4, 8, 7, 6, 2, 2, 3, 1, 1),
+                                   (18, 9, 8, 5, 3, 3, 2, 1, 1)], ids=["1x1s2", "2x2s3", "3x3s2-c18"])
+def test_dx_by_stride_phase_per_sample(device, shape):
+    """Per-sample dX runs by stride phase too (phases no tap reaches, phases with fewer rows, the tap-major path
+    with 18 channels)."""
+    x, w, b, out_idx, out_count, gy = make_case(shape, torch.float32, device, [5, 0, 3], seed=14)
+    got = run_kernels(x, w, b, out_idx, out_count, shape, gy)
+    ref = per_sample_reference(x, w, b, out_idx, out_count, *(_pair(v) for v in shape[6:]), gy)
+    check(shape, torch.float32, got, ref, out_idx, out_count)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dw_never_touches_rows_inactive_in_every_sample(device):
     """Filters 0, 3 and 6 are active in no sample: their dW and db rows stay exactly zero (never accumulated),
     whatever the padding of the index rows holds (here: repeats of active filters and of filter 0)."""
