@@ -85,7 +85,7 @@ from ._common import (
     interpreting,
     next_pow2,
 )
-from ._gemm import config_factory, four_byte, fp32_fma, positions, prune_by_dot
+from ._gemm import clamp_blocks, config_factory, four_byte, fp32_fma, positions, prune_by_dot
 from .active_conv2d import _padded_rows, _rows_frame, _rows_weight, rows_channels, rows_mode
 
 # Largest r tile kept in registers. 128 fp32 columns x BLOCK_M 128 is the size of a standard GEMM accumulator; r in
@@ -242,9 +242,22 @@ def _fwd_limits(cfg, args):
     return kw["BLOCK_K"] <= max(32, next_pow2(args["C"])) if args["TAP_MAJOR"] else True
 
 
+_fwd_by_dot = prune_by_dot(_FWD_TC, _FWD_FMA, "x_ptr", _fwd_limits)
+
+
+def _fwd_prune(configs, nargs, **kwargs):
+    """The forward's configs (:func:`_fwd_limits`) with BLOCK_O cut to the output channels (>= 16). The y loop runs
+    over O in BLOCK_O chunks, one B tile, bias and y tile each: with O = 4 (the degenerate 4x4 layer) a 64-wide chunk
+    loads, converts and stores 60 padding columns, one 2-byte scalar each (y rows of 4 channels fit no vector), and
+    this loop, the only one with an MMA when kh kw C fits one BLOCK_K, was 2.9x the dense GEMM (305 instructions,
+    bench.aot sm_90, 64x64x64 w4). BLOCK_O is no GEMM dimension of the z loop, so its tiles stay those of the list."""
+    kept = _fwd_by_dot(configs, nargs, **kwargs)
+    return clamp_blocks(kept, {**nargs, **kwargs}["OC"], 1 << 30, n_name="BLOCK_O")
+
+
 @tuned(configs=_FWD_CONFIGS,
        key=["M", "C", "R", "OC", "OA", "O_SPLIT", "KH", "KW", "SINGLE_R", "PRECISION", "ROWS"],
-       prune_configs_by={"early_config_prune": prune_by_dot(_FWD_TC, _FWD_FMA, "x_ptr", _fwd_limits)},
+       prune_configs_by={"early_config_prune": _fwd_prune},
        buckets=["OA"])
 @triton.jit
 def _sketch_conv2d_fwd_kernel(
@@ -298,35 +311,46 @@ def _sketch_conv2d_fwd_kernel(
                      mask=m_mask[:, None] & (offs_r < R)[None, :])
         tl.debug_barrier()  # the z rows written by other threads of this program are read below
 
-    for j0 in range(pid_o * BLOCK_O, OC, O_SPLIT * BLOCK_O):
+    # Chunks of active channels (j0 < OA): GEMM, bias, store. The chunks of inactive channels only get zeros, in a
+    # loop of their own: a branch between the two in one loop kept the zero tile's register moves and the merge of
+    # both results in the GEMM's loop (alexnet conv1 64x64x64 w4, where LLVM unrolls the z loop and this loop is the
+    # one with the MMAs: 177 instructions, 1.67x the dense GEMM; bench.aot sm_90). Not software-pipelined: a step's B
+    # tile is small and read once, and its cp.async bookkeeping lengthened the loop (vgg 64x64x32 w4 s4: 133 vs 111).
+    STEP = O_SPLIT * BLOCK_O
+    for j0 in tl.range(pid_o * BLOCK_O, OA, STEP, num_stages=1):
         offs_j = j0 + tl.arange(0, BLOCK_O)
         j_mask = offs_j < OC
         if HAS_IDX:
             ch = tl.load(perm_ptr + offs_j, mask=j_mask, other=0)
         else:
             ch = offs_j
-        active = j_mask & (offs_j < OA)
-        if j0 < OA:
-            if SINGLE_R:
-                bt = tl.load(b_ptr + ch[None, :] * R + offs_rb[:, None], mask=active[None, :] & r_mask[:, None],
+        active = offs_j < OA  # (OA <= OC)
+        if SINGLE_R:
+            bt = tl.load(b_ptr + ch[None, :] * R + offs_rb[:, None], mask=active[None, :] & r_mask[:, None],
+                         other=0.0)
+            acc = tl.dot(zc, bt, input_precision=PRECISION, out_dtype=tl.float32)
+        else:  # z read back in BLOCK_K chunks: the FMA configs' register budget (and L2-resident rows)
+            acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_K):
+                offs_r = r0 + offs_kb
+                rm = offs_r < R
+                zt = tl.load(z_ptr + z_pos[:, None] + (offs_r * szc)[None, :], mask=m_mask[:, None] & rm[None, :],
                              other=0.0)
-                acc = tl.dot(zc, bt, input_precision=PRECISION, out_dtype=tl.float32)
-            else:  # z read back in BLOCK_K chunks: the FMA configs' register budget (and L2-resident rows)
-                acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-                for r0 in range(0, R, BLOCK_K):
-                    offs_r = r0 + offs_kb
-                    rm = offs_r < R
-                    zt = tl.load(z_ptr + z_pos[:, None] + (offs_r * szc)[None, :], mask=m_mask[:, None] & rm[None, :],
-                                 other=0.0)
-                    bt = tl.load(b_ptr + ch[None, :] * R + offs_r[:, None], mask=active[None, :] & rm[:, None],
-                                 other=0.0)
-                    acc = tl.dot(zt, bt, acc, input_precision=PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + ch, mask=active, other=0.0).to(tl.float32)[None, :]
-            out = acc.to(out_ty)
-        else:  # a chunk of inactive channels only: zeros, no GEMM
-            out = tl.zeros((BLOCK_M, BLOCK_O), dtype=out_ty)
-        tl.store(y_ptr + y_pos[:, None] + (ch * syc)[None, :], out, mask=m_mask[:, None] & j_mask[None, :])
+                bt = tl.load(b_ptr + ch[None, :] * R + offs_r[:, None], mask=active[None, :] & rm[:, None],
+                             other=0.0)
+                acc = tl.dot(zt, bt, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ch, mask=active, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_pos[:, None] + (ch * syc)[None, :], acc.to(out_ty), mask=m_mask[:, None] & j_mask[None, :])
+    if HAS_IDX:  # (without out_idx OA = OC: no inactive channel)
+        # the first chunk of this program's progression past OA: every later one holds inactive channels only
+        j_zero = pid_o * BLOCK_O + tl.maximum(tl.cdiv(OA - pid_o * BLOCK_O, STEP), 0) * STEP
+        for j0 in range(j_zero, OC, STEP):
+            offs_j = j0 + tl.arange(0, BLOCK_O)
+            j_mask = offs_j < OC
+            ch = tl.load(perm_ptr + offs_j, mask=j_mask, other=0)
+            tl.store(y_ptr + y_pos[:, None] + (ch * syc)[None, :], tl.zeros((BLOCK_M, BLOCK_O), dtype=out_ty),
+                     mask=m_mask[:, None] & j_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------- backward
@@ -363,21 +387,29 @@ def _sketch_conv2d_bwd_dz_kernel(
     pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
+    rows = tl.minimum(offs_m, M - 1)  # rows past M re-read row M - 1 (in bounds), never stored: no row mask below
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     offs_o = tl.arange(0, BLOCK_O)
     j_start = pid_s * o_per_split
     j_end = tl.minimum(j_start + o_per_split, OA)
-    g_ptrs = g_ptr + (offs_m.to(tl.int64) * LDG)[:, None] + (j_start + offs_o)[None, :]
-    b_ptrs = b_ptr + (j_start + offs_o)[:, None] * R + offs_r[None, :]
+    j_full = j_start + (j_end - j_start) // BLOCK_O * BLOCK_O
+    # int32 element offsets, loop-invariant (the launcher checks G below 2^31 elements); a step adds the scalar j0 to
+    # the base pointers: one IMAD.WIDE per G element and no mask. With rows that no vector fits (LDG = 4: the
+    # degenerate 4-channel layer) G loads as 2-byte scalars, and the old loop, which carried a masked 64-bit pointer
+    # per element, spent 6 instructions on each (358 per step, 2.52x the dense GEMM; bench.aot sm_90 64x64x64 w4).
+    g_base = g_ptr + (rows * LDG)[:, None] + offs_o[None, :]
+    b_base = b_ptr + offs_o[:, None] * R + offs_r[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for j0 in range(j_start, j_end, BLOCK_O):
-        om = offs_o < j_end - j0
-        gt = tl.load(g_ptrs, mask=m_mask[:, None] & om[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=om[:, None] & r_mask[None, :], other=0.0)
+    for j0 in range(j_start, j_full, BLOCK_O):
+        gt = tl.load(g_base + j0)
+        bt = tl.load(b_base + j0 * R, mask=r_mask[None, :], other=0.0)
         acc = tl.dot(gt.to(bt.dtype), bt, acc, input_precision=PRECISION)
-        g_ptrs += BLOCK_O
-        b_ptrs += BLOCK_O * R
+    if j_full < j_end:  # the partial last chunk, peeled: the only masked step
+        om = offs_o < j_end - j_full
+        gt = tl.load(g_base + j_full, mask=om[None, :], other=0.0)
+        bt = tl.load(b_base + j_full * R, mask=om[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(gt.to(bt.dtype), bt, acc, input_precision=PRECISION)
     ptrs = dz_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
     mask = m_mask[:, None] & r_mask[None, :]
     if PARTIAL:
@@ -756,6 +788,7 @@ def _conv_backward(grad_y, x, a, b, z, has_bias, out_idx, stride, padding, dilat
         ldg = triton.cdiv(oa, 16) * 16
         cols = idx if ldg == oa else torch.cat([idx, idx[:1].expand(ldg - oa)])
         g_act, b_act = g_act.index_select(1, cols), b.index_select(0, idx)
+        _check_numel(g_act)  # the dZ kernel's int32 offsets (its columns padded to 16 may outgrow G)
 
     if need_b or need_bias:
         dbw_act = torch.zeros(oa, r, dtype=acc_t, device=dev)
