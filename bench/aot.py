@@ -121,6 +121,13 @@ CONV_SHAPES = {
 ACTIVE_FRACTION = 0.25  # ALSH active sets of a quarter of the filters / channels
 
 
+def _r_pad(filters):
+    """The backward launchers' padded width of dy's compact copy (``kernels/active_conv2d.py: DX_FILTER_ALIGN``)."""
+    from tritonslide.kernels.active_conv2d import DX_FILTER_ALIGN
+
+    return triton.cdiv(filters, DX_FILTER_ALIGN) * DX_FILTER_ALIGN
+
+
 def _dx_phases(h, w, geom):
     """The dX launchers' stride phases (``kernels/active_conv2d.py: dx_phases``)."""
     from tritonslide.kernels.active_conv2d import dx_phases
@@ -162,7 +169,8 @@ def _active_fwd_base_args(case, dtype, prec):
 def _active_dx_base_args(case, dtype, prec):
     n, c, o, h, w, ho, wo, cl, n_act, c_act, t, geom, has_out, has_in, has_count, idx_args = _active_common(
         case, dtype, prec)
-    sg, sw, sd = _strides((n, n_act, ho, wo), True), _strides((o, c_act, geom["KH"], geom["KW"]), True), \
+    # dy compacted to the active filters, zero-padded to a multiple of 64 columns (DX_FILTER_ALIGN)
+    sg, sw, sd = _strides((n, _r_pad(n_act), ho, wo), True), _strides((o, c_act, geom["KH"], geom["KW"]), True), \
         _strides((n, c, h, w), cl)
     sw = _strides((n_act, c_act, geom["KH"], geom["KW"]), True)  # W's active rows and channels, compacted
     per_image, _, taps = _dx_phases(h, w, geom)
@@ -180,11 +188,11 @@ def _active_dw_base_args(case, dtype, prec):
         case, dtype, prec)
     f32 = _mock(torch.float32)
     sd = _strides((o, c, geom["KH"], geom["KW"]))
-    return dict(g_ptr=t, x_ptr=t, rows_ptr=_mock(torch.int32), dw_ptr=f32, db_ptr=f32, **idx_args,
+    return dict(g_ptr=t, x_ptr=t, rows_ptr=_mock(torch.int32), dw_ptr=f32, **idx_args,
                 in_idx_ptr=_mock(torch.int32) if has_in else t, K_RED=n * ho * wo, R_ACT=n_act, C_ACT=c_act,
-                WP=w + 2 * geom["PW"], sg=n_act, sx=c_act, sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=0,
-                zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_BIAS=True,
-                HAS_OUT_IDX=has_out, HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
+                WP=w + 2 * geom["PW"], sg=_r_pad(n_act), sx=c_act, sdo=sd[0], sdc=sd[1], sdh=sd[2], sdw=sd[3], sio=0,
+                zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=geom["DH"], DW=geom["DW"], HAS_OUT_IDX=has_out,
+                HAS_IN_IDX=has_in, HAS_COUNT=has_count, PRECISION=prec)
 
 
 def _hist_args(case, dtype, prec):
@@ -228,11 +236,11 @@ def _hist_args(case, dtype, prec):
 def _sample_common(case, dtype):
     """kernels/sample_conv2d.py's launches of active_conv2d's kernels with PER_SAMPLE: x NHWC (NCHW input is
     converted by the launcher), W as (O, kh, kw, C), the per-sample index rows as int32 (N, O) and counts (N,) (the
-    backward pads the rows and dy's compact copy to 16 columns: R)."""
+    backward pads the rows and dy's compact copy to 64 columns: R)."""
     n, c, o, h, w, k, s, p = CONV_SHAPES[case["shape"]]
     ho, wo = _out_hw(h, w, k, s, p)
     cl = case["layout"] == "channels_last"
-    r_cols = triton.cdiv(o, 16) * 16
+    r_cols = _r_pad(o)
     geom = dict(KH=k, KW=k, SH=s, SW=s, PH=p, PW=p, DH=1, DW=1)
     return n, c, o, h, w, ho, wo, cl, r_cols, geom, _mock(torch.int32), _mock(torch.int64), _mock(dtype)
 
@@ -268,17 +276,17 @@ def _sample_dx_args(case, dtype, prec):
 
 def _sample_dw_args(case, dtype, prec):
     """dy as the dense (N*H'*W', R) compact matrix, x as the zero-padded NHWC frame (the small-C frame with its zero
-    image below 16 channels) and the int32 position-row table; fp32 dW / db buffers; program_id(1) is the sample."""
+    image below 16 channels) and the int32 position-row table; an fp32 dW buffer; program_id(1) is the sample."""
     n, c, o, h, w, ho, wo, cl, r_cols, geom, i32, i64, t = _sample_common(case, dtype)
     f32 = _mock(torch.float32)
     sd = _strides((o, c, geom["KH"], geom["KW"]))
-    a = dict(g_ptr=t, x_ptr=t, rows_ptr=i32, dw_ptr=f32, db_ptr=f32, out_idx_ptr=i32, in_idx_ptr=i32, count_ptr=i64,
+    a = dict(g_ptr=t, x_ptr=t, rows_ptr=i32, dw_ptr=f32, out_idx_ptr=i32, in_idx_ptr=i32, count_ptr=i64,
              K_RED=ho * wo, R_ACT=r_cols, C_ACT=c, WP=w + 2 * geom["PW"], sg=r_cols, sx=c, sdo=sd[0], sdc=sd[1],
              sdh=sd[2], sdw=sd[3], sio=r_cols, zero_row=0, KH=geom["KH"], KW=geom["KW"], DH=1, DW=1,
-             HAS_BIAS=True, HAS_OUT_IDX=True, HAS_IN_IDX=False, HAS_COUNT=True, PRECISION=prec, PER_SAMPLE=True)
-    if c < 16:  # ROWS: db summed by torch, table entries past a sample read the zero image
+             HAS_OUT_IDX=True, HAS_IN_IDX=False, HAS_COUNT=True, PRECISION=prec, PER_SAMPLE=True)
+    if c < 16:  # ROWS: table entries past a sample read the zero image
         c_pad, wp, _ = _rows_frame(n, c, h, w, geom["PW"])
-        a.update(WP=wp, sx=c_pad, ROWS=True, C_PAD=c_pad, HAS_BIAS=False, zero_row=n * (h + 2 * geom["PH"]) * wp)
+        a.update(WP=wp, sx=c_pad, ROWS=True, C_PAD=c_pad, zero_row=n * (h + 2 * geom["PH"]) * wp)
     return a
 
 
@@ -405,7 +413,7 @@ def _active_dw_args(case, dtype, prec):
     if a["C_ACT"] < 16 and a["DW"] == 1:
         n, _, _, h, w, _, _, p = CONV_SHAPES[case["shape"]]
         c_pad, wp, _ = _rows_frame(n, a["C_ACT"], h, w, p)
-        a.update(WP=wp, sx=c_pad, ROWS=True, C_PAD=c_pad, HAS_BIAS=False)  # ROWS: db summed by torch
+        a.update(WP=wp, sx=c_pad, ROWS=True, C_PAD=c_pad)
     return a
 
 

@@ -1,4 +1,4 @@
-"""Active-filter convolution as one Triton implicit-im2col GEMM per pass (forward, dX, dW with fused db).
+"""Active-filter convolution as one Triton implicit-im2col GEMM per pass (forward, dX, dW; db is a torch sum).
 
 Feeney (2019), shared/papers/001, Alg. 4-6: the ALSH layer computes only the rows ``A = out_idx`` of the weight
 (Alg. 4), its backward pass sends ``dI`` through those filters alone and updates only those rows (Alg. 5), and with
@@ -23,8 +23,8 @@ each address and its padding mask are computed once per tap rather than once per
             contributes to input row ``ih`` only when ``(ih + p - r*d) % s == 0``, so a strided layer runs one set of
             programs per stride phase (``ih % s``), each looping over the taps that reach its phase only;
 * dW:       (active filters) x (active input channels), one tap per program, reduction over N*H'*W' with split-K
-            (fp32 atomics into an fp32 buffer; the interpreter has no fp16 atomic_add); db is summed from the same
-            dy tiles by the programs of tap 0 / channel block 0. x arrives as a zero-padded NHWC frame with a
+            (fp32 atomics into an fp32 buffer; the interpreter has no fp16 atomic_add); db is a torch sum of the
+            compact dy, outside the GEMM's loop. x arrives as a zero-padded NHWC frame with a
             per-position row table, so the loop neither divides positions nor masks padding.
 
 Few input channels (``ROWS``, C_act < 16 with undilated columns: AlexNet's conv1 reads C = 3, a 6-byte pixel that
@@ -121,12 +121,10 @@ _DX_TILES = [
 _INTERP_TILE = (64, 16, 16, 4, 1, True)
 
 
-def _zero_dw_db(nargs):
-    # dW / db accumulate with atomics (split-K), and the autotuner runs a kernel several times while it tunes: every
-    # run, the tuning ones and the final one, must start from zero, so each config zeroes the buffers first.
+def _zero_dw(nargs):
+    # dW accumulates with atomics (split-K, samples), and the autotuner runs a kernel several times while it tunes:
+    # every run, the tuning ones and the final one, must start from zero, so each config zeroes the buffer first.
     nargs["dw_ptr"].zero_()
-    if nargs["HAS_BIAS"]:
-        nargs["db_ptr"].zero_()
 
 
 # dW: (rows x channels) tiles of one tap; split-K over N*H'*W' when there are few tiles (AlexNet conv1: 64 rows x 3
@@ -156,7 +154,7 @@ _FWD_DX_NO_FMA = frozenset(t[:-1] for t in _FWD_TILES + _DX_TILES if not t[-1])
 
 
 _tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K")
-_dw_tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", pre_hook=_zero_dw_db)
+_dw_tile = config_factory("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", pre_hook=_zero_dw)
 
 
 def _dw_cfg(bm, bn, bk, warps, stages, split):  # the DW tiles' field order: split after warps and stages
@@ -190,7 +188,9 @@ _DX_SAMPLE_GPU, _DX_SAMPLE_FMA = _subset(_DX_GPU, _DX_TILES, _DX_SAMPLE)
 # dW: no split-K (program_id(1) is the sample), and not 64x128x32 / 4 warps (56 B of spills on sm_80 in fp16 with
 # the per-sample row and count loads, bench.aot --kernels sample_dw)
 _DW_SAMPLE_GPU = [c for c in _DW_GPU if c.kwargs["SPLIT_K"] == 1 and c.kwargs["BLOCK_N"] <= 64]
-_DW_SAMPLE_FMA = [c for c in _DW_FMA if c in _DW_SAMPLE_GPU]
+_DW_COUNT_GPU = [c for c in _DW_GPU if not (c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4)]
+# IEEE fp32 (FMA dots): not 128x64x32 / 8 warps either (8 B of spills on sm_90)
+_DW_SAMPLE_FMA = [c for c in _DW_FMA if c in _DW_SAMPLE_GPU and c.kwargs["BLOCK_M"] <= 64]
 
 
 def _for_dtype(configs, args, ptr, gpu, fma):
@@ -232,6 +232,8 @@ def _prune_dw(configs, nargs, **kwargs):
     n_extent = a["KW"] * a["C_PAD"] if a.get("ROWS") else a["C_ACT"]
     if a.get("PER_SAMPLE"):  # program_id(1) is the sample: no split-K
         gpu, fma = _DW_SAMPLE_GPU, _DW_SAMPLE_FMA
+    elif a.get("HAS_COUNT"):  # the count's early exit: 64x128x32 / 4 warps spills (16 B at 255 registers, sm_90 fp16)
+        gpu, fma = _DW_COUNT_GPU, _DW_FMA
     else:
         gpu, fma = _DW_GPU, _DW_FMA
     out = clamp_blocks(_for_dtype(configs, a, "g_ptr", gpu, fma), n_extent, a["R_ACT"], n_name="BLOCK_N",
@@ -405,7 +407,10 @@ def _active_conv2d_bwd_dx_kernel(
     where a term exists only when both quotients are exact and inside the output. dy holds the active filters'
     channels only (R_ACT of them, NHWC) and W their rows only, in the same order, each with the active input
     channels (C_ACT, innermost): the launcher compacts both, so no index is read in the loop. One program:
-    BLOCK_M input positions x BLOCK_N active input channels; one flat loop over (tap, BLOCK_K filter chunk).
+    BLOCK_M input positions x BLOCK_N active input channels; one flat loop over (tap, BLOCK_K filter chunk), up to
+    the count. dy's columns and W's rows are zero-padded to a multiple of ``DX_FILTER_ALIGN`` (every BLOCK_K) and
+    W's rows past ``out_count`` are zeroed by the launcher, so the loop's loads need no mask along the filters (R_ACT:
+    the filters, which clamps the count; dy's row stride ``sgw`` is the padded width).
 
     Strided layers are split by stride phase: the programs of phase (pr, pc) compute the input positions
     (pr + i s, pc + j s), which only the taps r = r0, r0 + s', ... (s' = ``TAP_SH`` = s / gcd(s, d)) reach, each
@@ -418,9 +423,10 @@ def _active_conv2d_bwd_dx_kernel(
     padding channels are computed as zeros and never stored.
 
     ``PER_SAMPLE`` (issue #15, ``sample_conv2d_backward``): dy arrives compacted per sample (column j of sample n
-    holds filter ``out_idx[n, j]``, R_ACT >= O columns), W is the whole (O, kh, kw, C) weight, and the B operand
-    gathers its rows ``out_idx[n, k]`` (a row's channels stay contiguous: vector loads). A program's positions lie
-    in ONE sample, and its loop stops at that sample's count."""
+    holds filter ``out_idx[n, j]``, R_ACT >= O columns, zero past the sample's count), W is the whole (O, kh, kw, C)
+    weight, and the B operand gathers its rows ``out_idx[n, k]`` (a row's channels stay contiguous: vector loads;
+    the launcher points the entries past the count at row 0). A program's positions lie in ONE sample, and its loop
+    stops at that sample's count."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_ACT, BLOCK_N)
     pid_n = pid % num_n
@@ -490,22 +496,20 @@ def _active_conv2d_bwd_dx_kernel(
     for kk in range(0, n_r * n_s * num_kc):
         th = th0 - r * QSTEP_R
         tw = tw0 - s * QSTEP_S
-        # dy is read up to its allocated R_ACT channels (a multiple of 16 keeps this mask constant over a 16-byte
-        # vector); the filters past out_count are cut by W's mask, along W's rows, which does not split vectors
-        a_mask = offs_k < R_ACT - k0
-        k_mask = offs_k < r_valid - k0
         valid = m_mask & inside(th, HO) & inside(tw, WO)
         g_rows = g_pos - (r * QSTEP_R * sgh + s * QSTEP_S * sgw)
         w_tap = r * (TAP_SH * swh) + s * (TAP_SW * sww)
-        a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None] & a_mask[None, :], other=0.0)
+        # no mask along the filters: dy's columns and W's rows are zero-padded to a multiple of 64 (every BLOCK_K)
+        # and zero past the count (see the launchers); the k masks cost 16-18 SASS instructions per step (the
+        # per-vector predicates of a 2-d mask; sm_90, VGG-11, 64x64x32 / 4 warps: 128 -> 112, bench.aot)
+        a = tl.load((g_rows + k0)[:, None] + offs_k[None, :], mask=valid[:, None], other=0.0)
         if PER_SAMPLE:
             # W rows of this chunk's filters (int32 offsets: the launcher checks W has < 2**31 elements)
-            o_k = tl.load(idx_row + k0 + offs_k, mask=k_mask, other=0)
-            b = tl.load(w_cols[None, :] + (o_k * swo + w_tap)[:, None],
-                        mask=k_mask[:, None] & c_read[None, :], other=0.0)
+            o_k = tl.load(idx_row + k0 + offs_k)
+            b = tl.load(w_cols[None, :] + (o_k * swo + w_tap)[:, None], mask=c_read[None, :], other=0.0)
         else:
-            b = tl.load((w_cols + (w_tap + k0 * swo))[None, :] + (offs_k * swo)[:, None],
-                        mask=k_mask[:, None] & c_read[None, :], other=0.0)
+            b = tl.load((w_cols + (w_tap + k0 * swo))[None, :] + (offs_k * swo)[:, None], mask=c_read[None, :],
+                        other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         r, s, k0 = next_step(r, s, k0, r_valid, n_s, BLOCK_K)
 
@@ -528,17 +532,17 @@ def _active_conv2d_bwd_dx_kernel(
 )
 @triton.jit
 def _active_conv2d_bwd_dw_kernel(
-    g_ptr, x_ptr, rows_ptr, dw_ptr, db_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
+    g_ptr, x_ptr, rows_ptr, dw_ptr, out_idx_ptr, in_idx_ptr, count_ptr,
     K_RED, R_ACT, C_ACT, WP, sg, sx, sdo, sdc, sdh, sdw, sio, zero_row,
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
+    HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1, PER_SAMPLE: tl.constexpr = False,
 ):
     """Alg. 5 (Feeney 2019), the update of the active rows only:
 
-    ``dW[A_j, I_c, r, t] = sum_{n, oh, ow} dy[n, oh, ow, A_j] * x[n, oh*s-p+r*d, ow*s-p+t*d, I_c]`` and
-    ``db[A_j] = sum_{n, oh, ow} dy[n, oh, ow, A_j]``, with dy the dense (N*H'*W', R_ACT) matrix of the active
+    ``dW[A_j, I_c, r, t] = sum_{n, oh, ow} dy[n, oh, ow, A_j] * x[n, oh*s-p+r*d, ow*s-p+t*d, I_c]``, with dy the
+    dense (N*H'*W', R_ACT) matrix of the active
     filters' gradients (row stride ``sg``) and x the zero-padded NHWC frame of the C_ACT active channels, whose
     pixel ``(n, ih + p, iw + p)`` is row ``(n HP + ih + p) WP + iw + p`` (row stride ``sx``).
 
@@ -549,8 +553,11 @@ def _active_conv2d_bwd_dw_kernel(
     would save the multiply but hide from the compiler that rows start 16-byte aligned: no vector loads.)
 
     One program: BLOCK_M active filters x BLOCK_N active input channels of one tap, over a 1/SPLIT_K slice of the
-    N*H'*W' reduction; slices meet through fp32 atomics in the fp32 buffers ``dw_ptr`` (full (O, C, kh, kw)
-    layout) and ``db_ptr``, zeroed by the config's pre_hook.
+    N*H'*W' reduction; slices meet through fp32 atomics in the fp32 buffer ``dw_ptr`` (full (O, C, kh, kw) layout),
+    zeroed by the config's pre_hook. db is the launcher's torch sum of dy (one more read of dy): fused here as a
+    second dot of the dy tile with a ones column in the programs of tap 0, it kept that dot and its branch in every
+    program's loop (111 SASS instructions per step against 87 without, 1.71x against 1.34x the dense GEMM; sm_90,
+    VGG-11 3x3@28, 64x64x32 / 8 warps, bench.aot).
 
     ``ROWS`` (few channels): the frame has C_PAD channels (``_rows_frame``, zeros past C_ACT) and a program's columns
     are BLOCK_N of the KW * C_PAD contiguous elements of one kernel row r (column j = tap column t * C_PAD + channel
@@ -621,12 +628,6 @@ def _active_conv2d_bwd_dw_kernel(
     # advance by BLOCK_K rows per step (int64 base, int32 offsets within the tile)
     g_ptrs = g_ptr + k_lo.to(tl.int64) * sg + (offs_k[:, None] * sg + offs_m[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # db on the tensor cores: dy^T times a (BLOCK_K, 16) tile whose first column is ones and the rest zeros, so that
-    # summing a row of the result afterwards adds exact zeros. A tl.sum of the dy tile in the loop cost ~100
-    # shuffle / add instructions per step (sm_90 SASS, 64x64x32 / 8 warps: a 4.5x longer loop than a dense GEMM's).
-    first_col = (offs_k[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)
-    ones = first_col.to(g_ptr.dtype.element_ty)
-    db_acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_mask = offs_k < k_hi - k0
         a = tl.trans(tl.load(g_ptrs, mask=k_mask[:, None] & m_read[None, :], other=0.0))
@@ -641,9 +642,6 @@ def _active_conv2d_bwd_dw_kernel(
             b = tl.load(x_ptr + (rows * sx)[:, None] + offs_n[None, :],
                         mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            if pid_tc == 0:  # db once per row block: only the programs of tap 0 / channel block 0 sum dy
-                db_acc = tl.dot(a, ones, db_acc, input_precision=PRECISION)
         g_ptrs += BLOCK_K * sg
 
     o_w = load_index(idx_row, offs_m, m_mask, HAS_OUT_IDX)
@@ -654,9 +652,6 @@ def _active_conv2d_bwd_dw_kernel(
         c_w = load_index(in_idx_ptr, offs_n, c_mask, HAS_IN_IDX)
         dw_ptrs = dw_ptr + (o_w * sdo)[:, None] + (c_w * sdc)[None, :] + r * sdh + s * sdw
     tl.atomic_add(dw_ptrs, acc, mask=m_mask[:, None] & c_mask[None, :])
-    if HAS_BIAS:
-        if pid_tc == 0:
-            tl.atomic_add(db_ptr + o_w, tl.sum(db_acc, axis=1), mask=m_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -695,6 +690,11 @@ def _geometry(weight, stride, padding, dilation):
     kh, kw = weight.shape[-2:]
     return {"KH": kh, "KW": kw, "SH": stride[0], "SW": stride[1], "PH": padding[0], "PW": padding[1],
             "DH": dilation[0], "DW": dilation[1]}
+
+
+# dX reads dy's columns and W's rows zero-padded to a multiple of this (every BLOCK_K of its lists): no mask along
+# the filters in its loop
+DX_FILTER_ALIGN = 64
 
 
 def dx_phases(h: int, w: int, stride, dilation) -> tuple[int, int, dict]:
@@ -913,20 +913,29 @@ def active_conv2d_backward(
     dummy = weight
     count_arg = count if count is not None else dummy
     dx = dw = db = None
+    r_pad = triton.cdiv(n_act, DX_FILTER_ALIGN) * DX_FILTER_ALIGN
     if not empty and (need_x or need_w):
-        # dy in NHWC holding only the active filters' channels (in out_idx order): both GEMMs then read it with
-        # vector loads; the padding rows of out_count repeat active indices and are never read past the count
+        # dy in NHWC holding only the active filters' channels (in out_idx order), zero-padded to r_pad columns: both
+        # GEMMs then read it with vector loads (aligned rows), and dX's loop needs no mask along the filters; the
+        # padding rows of out_count repeat active indices (dX multiplies them by zero rows of W, dW never stores them)
         gk = activations_channels_last(grad_y)
         if out_idx is not None and not compact_output:
-            gk = take_channels(gk, out_idx)
+            gk = take_channels(gk, out_idx, r_pad)
+        elif r_pad != n_act:
+            gk = take_channels(gk, None, r_pad)
 
     if need_x:
         scatter = in_idx is not None and not compact_input
         dx = empty_like_format(x, x.shape, zero=scatter or empty)
         if not empty:
-            # W's active rows (in out_idx order, padding rows of out_count included) with the active channels:
-            # n_act * c_act * kh * kw elements, small next to the GEMM, and the loop then reads no index
+            # W's active rows (in out_idx order; the padding rows of out_count zeroed on the device) with the active
+            # channels, zero rows up to r_pad: r_pad * c_act * kh * kw elements, small next to the GEMM, and the
+            # loop then reads no index and needs no mask along the filters
             w_rows = weight if out_idx is None else weight.index_select(0, out_idx)
+            if count is not None:
+                w_rows = w_rows * _row_mask(out_idx, count, n_act, w_rows.dtype).view(-1, 1, 1, 1)
+            if r_pad != n_act:
+                w_rows = torch.cat([w_rows, w_rows.new_zeros((r_pad - n_act, *w_rows.shape[1:]))])
             c_ld = 0
             if c_act < ROWS_MAX_CHANNELS:
                 # few channels: W's channel axis zero-padded to 16 (vector loads of the dot's N side)
@@ -934,7 +943,7 @@ def active_conv2d_backward(
                 wk = take_channels(w_rows, in_idx, c_ld)
             elif in_idx is not None:
                 wk = take_channels(w_rows, in_idx)
-            elif out_idx is not None:
+            elif w_rows is not weight:
                 wk = w_rows.contiguous(memory_format=torch.channels_last)
             else:
                 wk = channels_inner(weight)
@@ -952,21 +961,14 @@ def active_conv2d_backward(
                 DX_CHANNELS_LAST=is_channels_last(dx), PRECISION=prec, C_LD=c_ld, **taps,
             )
 
-    fused_db = False
     if need_w:
-        # fp32 buffers: split-K meets through fp32 atomics, and fp16 atomic_add does not exist in the interpreter
-        # the config pre_hook zeroes both buffers before every launch (autotuning included)
+        # an fp32 buffer: split-K meets through fp32 atomics, and fp16 atomic_add does not exist in the interpreter;
+        # the config pre_hook zeroes it before every launch (autotuning included)
         dw32 = (torch.zeros if empty else torch.empty)(weight.shape, dtype=torch.float32, device=weight.device)
         if not empty:
             kh, kw = weight.shape[-2:]
             k_red = n * ho * wo
             rows_dw = rows_mode(c_act, dilation)
-            # db fused into the dW loop (a dot of the dy tile with a ones column, in the programs of tap 0), except
-            # with ROWS: there the torch sum below reads dy once more instead, about what the fused dot's programs
-            # add (1 of kh kernel rows), and the loop of every program loses 12 of 97 SASS instructions per step (the
-            # dot, its ones tile, the branch; sm_90, conv1, 16x64x32 / 4 warps)
-            fuse_b = need_b and not rows_dw
-            db32 = torch.empty(o, dtype=torch.float32, device=weight.device) if fuse_b else dw32
             c_pad = rows_channels(c_act) if rows_dw else 1
             # ROWS: the program's columns are a kernel row's kw * C_PAD elements, kh rows; else one tap's channels
             taps, n_extent = (kh, kw * c_pad) if rows_dw else (kh * kw, c_act)
@@ -985,22 +987,23 @@ def active_conv2d_backward(
                 rows = _position_rows(n, ho, wo, frame.shape[1], frame.shape[2], frame.numel() >= 2**31,
                                       tuple(stride), x.device)
             _active_conv2d_bwd_dw_kernel[grid](
-                gk, frame, rows, dw32, db32, o_idx if o_idx is not None else dummy,
+                gk, frame, rows, dw32, o_idx if o_idx is not None else dummy,
                 i_idx if i_idx is not None else dummy, count_arg, k_red, n_act, c_act, frame.shape[2],
                 gk.shape[1], frame.shape[3], *dw32.stride(), 0, 0, KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
-                HAS_BIAS=fuse_b, HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
+                HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
                 HAS_COUNT=count is not None, PRECISION=prec, ROWS=rows_dw, C_PAD=c_pad,
             )
-            if fuse_b:
-                db, fused_db = db32.to(weight.dtype), True
         dw = dw32.to(weight.dtype)
 
-    if need_b and not fused_db:
-        # db alone (or an empty reduction): a torch sum over the active rows of dy
+    if need_b:
+        # a torch sum over the active rows of dy (the compact copy when the GEMMs made one), outside the dW loop
         if out_idx is None:
             db = grad_y.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
         else:
-            g_act = grad_y if compact_output else grad_y.index_select(1, out_idx)
+            if not empty and (need_x or need_w):
+                g_act = gk[:, :n_act]
+            else:
+                g_act = grad_y if compact_output else grad_y.index_select(1, out_idx)
             db_act = g_act.sum((0, 2, 3), dtype=torch.float32) * _row_mask(out_idx, count, n_act, torch.float32)
             # index_add_, not index_copy_: the padding rows of out_count may repeat an active index (they add 0)
             db = torch.zeros(o, dtype=torch.float32, device=x.device).index_add_(0, out_idx, db_act).to(weight.dtype)

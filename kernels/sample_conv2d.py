@@ -1,5 +1,5 @@
 """Convolution with one active filter set PER SAMPLE (issue #15): the launchers of ``active_conv2d``'s three
-Triton kernels (forward, dX, dW with fused db) in their ``PER_SAMPLE`` mode.
+Triton kernels (forward, dX, dW) in their ``PER_SAMPLE`` mode.
 
 Feeney (2019), shared/papers/001, Alg. 4-5 with the active set chosen per input: sample ``n`` computes only the
 filters ``A_n``, the first ``out_count[n]`` entries of row ``n`` of ``out_idx`` (N, O) (sorted; the rest of the row
@@ -26,7 +26,7 @@ counts stay on the device (no host sync):
 * dW:       one program per (filter tile, channel tile, tap) and sample reduces over the sample's H'*W' positions
             and adds its tile into rows ``out_idx[n, j]`` of an fp32 buffer with fp32 atomics (samples meet there
             like the split-K slices of the per-batch dW). Rows past a sample's count never accumulate: a filter
-            inactive in every sample stays exactly zero.
+            inactive in every sample stays exactly zero. db is a torch sum of dy under the samples' masks.
 
 The same kernels as the per-batch path, so the same layouts and small-C paths: fewer than 16 input channels (AlexNet's
 conv1) take the ROWS reduction over a kernel row's kw * C_PAD contiguous elements in the forward and dW, and dX reads
@@ -48,6 +48,7 @@ from ._common import (
     take_channels,
 )
 from .active_conv2d import (
+    DX_FILTER_ALIGN,
     ROWS_MAX_CHANNELS,
     _active_conv2d_bwd_dw_kernel,
     _active_conv2d_bwd_dx_kernel,
@@ -61,10 +62,6 @@ from .active_conv2d import (
     rows_channels,
     rows_mode,
 )
-
-# gk's columns (and the int32 index rows) are padded to a multiple of this: 16 elements keep the dX / dW masks along
-# gk's contiguous axis constant over a 16-byte vector, and every row of gk 16-byte aligned.
-_COL_ALIGN = 16
 
 
 def _check_sets(name: str, x: torch.Tensor, o: int, out_idx: torch.Tensor, out_count: torch.Tensor) -> None:
@@ -183,10 +180,13 @@ def sample_conv2d_backward(
     if not empty and (need_x or need_w):
         # dy compacted per sample, NHWC: gk[n, p, j] = dy[n, out_idx[n, j], p] (one gather; columns past O, padded
         # to a multiple of 16, repeat filter 0 and are never used past the count)
-        r_cols = triton.cdiv(o, _COL_ALIGN) * _COL_ALIGN
-        idx = _index_rows(out_idx, r_cols)
+        r_cols = triton.cdiv(o, DX_FILTER_ALIGN) * DX_FILTER_ALIGN
+        in_use = torch.arange(r_cols, device=out_idx.device)[None, :] < count[:, None]  # (N, R), on the device
+        # entries past a sample's count point at filter 0 (whatever the caller's padding holds: dX gathers W rows
+        # with them unmasked), and gk's columns there are zero, so that those rows add nothing
+        idx = torch.where(in_use, _index_rows(out_idx, r_cols), 0).to(torch.int32)
         gk = torch.gather(grad_y.permute(0, 2, 3, 1), 3, idx.long().view(n, 1, 1, r_cols).expand(n, ho, wo, r_cols))
-        gk = gk.contiguous()
+        gk = (gk * in_use.view(n, 1, 1, r_cols).to(gk.dtype)).contiguous()
 
     if need_x:
         dx = empty_like_format(x, x.shape, zero=empty)
@@ -211,16 +211,12 @@ def sample_conv2d_backward(
                 PRECISION=prec, C_LD=c_ld, PER_SAMPLE=True, **taps,
             )
 
-    fused_db = False
     if need_w:
-        # fp32 buffers: samples meet through fp32 atomics (the interpreter has no fp16 atomic_add); the config's
-        # pre_hook zeroes both before every launch (autotuning included)
+        # an fp32 buffer: samples meet through fp32 atomics (the interpreter has no fp16 atomic_add); the config's
+        # pre_hook zeroes it before every launch (autotuning included)
         dw32 = (torch.zeros if empty else torch.empty)(weight.shape, dtype=torch.float32, device=weight.device)
         if not empty:
             rows_dw = rows_mode(c, dilation)
-            # db fused into the dW loop except with ROWS (as the per-batch launcher: a torch sum below)
-            fuse_b = need_b and not rows_dw
-            db32 = torch.empty(o, dtype=torch.float32, device=weight.device) if fuse_b else dw32
             c_pad = rows_channels(c) if rows_dw else 1
             if rows_dw:
                 # ROWS: a program's columns are a kernel row's kw * C_PAD elements; the frame's zero image (after
@@ -237,17 +233,15 @@ def sample_conv2d_backward(
                 return (triton.cdiv(r_cols, meta["BLOCK_M"]) * taps * triton.cdiv(n_extent, meta["BLOCK_N"]), n)
 
             _active_conv2d_bwd_dw_kernel[grid](
-                gk, frame, rows, dw32, db32, idx, idx, count,
+                gk, frame, rows, dw32, idx, idx, count,
                 ho * wo, r_cols, c, frame.shape[2], r_cols, frame.shape[3], *dw32.stride(), idx.stride(0), zero_row,
-                KH=kh, KW=kw, DH=dilation[0], DW=dilation[1], HAS_BIAS=fuse_b, HAS_OUT_IDX=True, HAS_IN_IDX=False,
+                KH=kh, KW=kw, DH=dilation[0], DW=dilation[1], HAS_OUT_IDX=True, HAS_IN_IDX=False,
                 HAS_COUNT=True, PRECISION=prec, ROWS=rows_dw, C_PAD=c_pad, PER_SAMPLE=True,
             )
-            if fuse_b:
-                db, fused_db = db32.to(weight.dtype), True
         dw = dw32.to(weight.dtype)
 
-    if need_b and not fused_db:
-        # db alone (or an empty reduction): a torch sum of dy over each sample's active filters
+    if need_b:
+        # a torch sum of dy over each sample's active filters, outside the dW loop (active_conv2d's dW docstring)
         per_sample = grad_y.sum((2, 3), dtype=torch.float32)  # (N, O)
         db = (per_sample * _sample_mask(out_idx, out_count, o)).sum(0).to(weight.dtype)
     return dx, dw, db

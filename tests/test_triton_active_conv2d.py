@@ -312,6 +312,9 @@ def test_prunes_read_keyword_arguments_as_triton_passes_them():
             assert kept, (prune.__name__, dtype, prec)
             if prec == "ieee" and dtype == torch.float32:  # (extents of 128: no clamping changes these tiles)
                 assert {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept} <= fits
+    # dW with a device-side count drops the tile that spills there (64x128x32 / 4 warps)
+    kept = k._prune_dw(k._DW_GPU, {**extents, "g_ptr": MockTensor(torch.float16)}, PRECISION="ieee", HAS_COUNT=True)
+    assert kept and not any(c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4 for c in kept)
 
 
 @requires_triton
