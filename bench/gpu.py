@@ -185,7 +185,7 @@ CPU_RANDN_S = 1e-8  # one element of torch.randn on the host (the active conv fi
 # backward kernels together.
 CONFIGS = {
     "active_fwd": 7, "active_dx": 7, "active_dw": 6, "hash": 7, "hash_atomic": 1,
-    "sample_fwd": 6, "sample_dx": 5, "sample_dw": 4,  # kernels/sample_conv2d.py's lists (not in aot.json yet)
+    "sample_fwd": 6, "sample_dx": 5, "sample_dw": 2,  # the per-sample launches: the PER_SAMPLE subsets
     "sketch_fwd": 4, "sketch_dz": 3, "sketch_db": 3, "sketch_da": 3, "sketch_dx": 2,
     "sketch_linear_fwd": 3, "sketch_linear_bwd": 20,
 }
