@@ -174,6 +174,9 @@ _FWD_SAMPLE = {(128, 64, 32, 8, 3): False, (128, 64, 64, 8, 3): False, (64, 64, 
                (128, 32, 32, 4, 4): False, (64, 32, 32, 4, 3): False, (64, 32, 16, 4, 3): True}
 _DX_SAMPLE = {(128, 128, 32, 8, 3): False, (128, 64, 32, 8, 3): False, (64, 64, 32, 4, 4): False,
               (64, 32, 32, 4, 3): True, (64, 32, 16, 4, 3): True}
+# Tensor-core dots of dX: not 64x32x32 / 4 warps / 3 stages (1.51x the dense loop on sm_80), and per sample not
+# 64x32x16 / 4 warps (1.51x on sm_90, its W rows gathered per step): bench.aot, fourth pass. Both stay for IEEE fp32.
+_DX_TC = [c for c, t in zip(_DX_GPU, _DX_TILES) if t[:5] != (64, 32, 32, 4, 3)]
 
 
 def _subset(configs, tiles, table):
@@ -184,7 +187,12 @@ def _subset(configs, tiles, table):
 
 
 _FWD_SAMPLE_GPU, _FWD_SAMPLE_FMA = _subset(_FWD_GPU, _FWD_TILES, _FWD_SAMPLE)
+# Tensor-core dots of the per-batch forward: not 128x32x32 / 4 warps, whose main loop on sm_90 was 1.54-1.56x the
+# dense GEMM's (149 vs 97 SASS instructions per step, fp16; each warp's 32x32 slice of the wgmma is too little work
+# to cover the per-step address and mask work). It stays for IEEE fp32, where FMA dots want the narrow tile.
+_FWD_TC = [c for c, t in zip(_FWD_GPU, _FWD_TILES) if t[:5] != (128, 32, 32, 4, 4)]
 _DX_SAMPLE_GPU, _DX_SAMPLE_FMA = _subset(_DX_GPU, _DX_TILES, _DX_SAMPLE)
+_DX_SAMPLE_TC = [c for c, t in zip(_DX_GPU, _DX_TILES) if c in _DX_SAMPLE_GPU and t[:5] != (64, 32, 16, 4, 3)]
 # dW: no split-K (program_id(1) is the sample), and not 64x128x32 / 4 warps (56 B of spills on sm_80 in fp16 with
 # the per-sample row and count loads, bench.aot --kernels sample_dw)
 _DW_SAMPLE_GPU = [c for c in _DW_GPU if c.kwargs["SPLIT_K"] == 1 and c.kwargs["BLOCK_N"] <= 64]
@@ -212,16 +220,16 @@ def _prune_fwd(configs, nargs, **kwargs):
     if a.get("PER_SAMPLE"):
         use = _rows_fit(_for_dtype(configs, a, "x_ptr", _FWD_SAMPLE_GPU, _FWD_SAMPLE_FMA), a["HO"] * a["WO"])
     else:
-        use = _for_dtype(configs, a, "x_ptr", _FWD_GPU, _FWD_FMA)
+        use = _for_dtype(configs, a, "x_ptr", _FWD_TC, _FWD_FMA)
     return clamp_blocks(use, a["N_ACT"], k_extent)
 
 
 def _prune_dx(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
     if a.get("PER_SAMPLE"):
-        use = _rows_fit(_for_dtype(configs, a, "g_ptr", _DX_SAMPLE_GPU, _DX_SAMPLE_FMA), a["H"] * a["W"])
+        use = _rows_fit(_for_dtype(configs, a, "g_ptr", _DX_SAMPLE_TC, _DX_SAMPLE_FMA), a["H"] * a["W"])
     else:
-        use = _for_dtype(configs, a, "g_ptr", _DX_GPU, _DX_FMA)
+        use = _for_dtype(configs, a, "g_ptr", _DX_TC, _DX_FMA)
     return clamp_blocks(use, a["C_ACT"], a["R_ACT"])
 
 
