@@ -484,7 +484,7 @@ def _active_conv2d_bwd_dx_kernel(
     g_img = g_ptr + nb.to(tl.int64) * sgn
     th0 = i + qr0
     tw0 = j + qs0
-    g_pos = g_img + th0 * sgh + tw0 * sgw  # the dy row of tap (r0, s0); tap k of the phase is a fixed offset on
+    g_pos = g_img + th0 * sgh + tw0 * sgw  # the dy row of tap (r0, s0); the phase's later taps: fixed offsets
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_n < C_ACT
