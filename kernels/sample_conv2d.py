@@ -178,15 +178,16 @@ def sample_conv2d_backward(
     count = out_count.clamp(0, o)  # (on the device) the kernels clamp to gk's padded width, not to O
     dx = dw = db = None
     if not empty and (need_x or need_w):
-        # dy compacted per sample, NHWC: gk[n, p, j] = dy[n, out_idx[n, j], p] (one gather; columns past O, padded
-        # to a multiple of 16, repeat filter 0 and are never used past the count)
+        # dy compacted per sample, NHWC: gk[n, p, j] = dy[n, out_idx[n, j], p] (one gather, padded to a multiple of
+        # 64 columns)
         r_cols = triton.cdiv(o, DX_FILTER_ALIGN) * DX_FILTER_ALIGN
         in_use = torch.arange(r_cols, device=out_idx.device)[None, :] < count[:, None]  # (N, R), on the device
         # entries past a sample's count point at filter 0 (whatever the caller's padding holds: dX gathers W rows
-        # with them unmasked), and gk's columns there are zero, so that those rows add nothing
+        # with them unmasked), and gk's columns there are zero (a select, not a product: a non-finite dy of a filter
+        # the sample does not use must not reach it), so that those rows add nothing
         idx = torch.where(in_use, _index_rows(out_idx, r_cols), 0).to(torch.int32)
         gk = torch.gather(grad_y.permute(0, 2, 3, 1), 3, idx.long().view(n, 1, 1, r_cols).expand(n, ho, wo, r_cols))
-        gk = (gk * in_use.view(n, 1, 1, r_cols).to(gk.dtype)).contiguous()
+        gk = torch.where(in_use.view(n, 1, 1, r_cols), gk, 0).contiguous()
 
     if need_x:
         dx = empty_like_format(x, x.shape, zero=empty)
