@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ._format import zeros_like_format
+from ._gather import take_block
 
 
 def _gather(x, weight, bias, out_idx, in_idx, compact_input=False):
     xs = x if in_idx is None or compact_input else x.index_select(1, in_idx)
-    w = weight if out_idx is None else weight.index_select(0, out_idx)
-    w = w if in_idx is None else w.index_select(1, in_idx)
+    w = take_block(weight, out_idx, in_idx)
     b = None if bias is None else (bias if out_idx is None else bias.index_select(0, out_idx))
     return xs, w, b
 

@@ -99,6 +99,54 @@ def test_forward_and_every_gradient(shape, with_in, channels_last, dtype):
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
+def to_compact(t, rows, count):
+    """The per-sample compact form, by a loop: channel j of sample n is t[n, rows[n, j]] for j < count[n], else 0."""
+    out = torch.zeros(t.shape[0], rows.shape[1], *t.shape[2:], dtype=t.dtype)
+    for n in range(t.shape[0]):
+        k = int(count[n])
+        out[n, :k] = t[n, rows[n, :k]]
+    return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("compact", ["in", "out", "in+out"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last):
+    """Per-sample compact input / output (the linked hand-off between per-sample layers) against the loop
+    reference in the same form; what lies past a row's count (NaN here, in x and in dy) is never read. The Triton
+    backend: tests/test_triton_sample_conv2d.py."""
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, 21, channels_last)
+    stride, padding, dilation = shape[7:]
+    c_in, c_out = compact.startswith("in"), compact.endswith("out")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xc = to_compact(x, in_rows, in_count) if c_in else x.clone()
+    if c_in:
+        for n in range(x.shape[0]):
+            xc[n, int(in_count[n]):] = float("nan")
+    xg = xc.contiguous(memory_format=fmt).requires_grad_()
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    with use_backend("torch"):
+        y = ops.active_conv2d(xg, wg, bg, out_rows, in_rows, stride, padding, dilation, out_count=out_count,
+                              in_count=in_count, compact_input=c_in, compact_output=c_out)
+        grad_full = torch.randn(x.shape[0], w.shape[0], *y.shape[2:], generator=torch.Generator().manual_seed(1))
+        grad_y = grad_full
+        if c_out:
+            grad_y = to_compact(grad_full, out_rows, out_count)
+            for n in range(x.shape[0]):
+                grad_y[n, int(out_count[n]):] = float("nan")
+        dx, dw, db = torch.autograd.grad(y, (xg, wg, bg), grad_y)
+    ref = loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, stride, padding, dilation, grad_full)
+    ref_y = to_compact(ref[0], out_rows, out_count) if c_out else ref[0]
+    ref_dx = to_compact(ref[1], in_rows, in_count) if c_in else ref[1]
+    assert y.shape == ref_y.shape and dx.shape == xc.shape
+    positions = x.shape[0] * y.shape[2] * y.shape[3]
+    assert_close(y, ref_y, torch.float32, shape[1] * shape[5] * shape[6], "y")
+    assert_close(dx, ref_dx, torch.float32, shape[4] * shape[5] * shape[6], "dx")
+    assert_close(dw, ref[2], torch.float32, positions, "dW")
+    assert_close(db, ref[3], torch.float32, positions, "db")
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
 def test_bfloat16_forward_and_gradients():
     shape = SHAPES[0]
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.bfloat16, 3)
@@ -207,7 +255,8 @@ def test_compiles_into_one_graph():
         ({"out_idx": torch.zeros(3, 2, dtype=torch.int32)}, TypeError, r"\(N, k\) int64"),
         ({"out_idx": torch.zeros(3, 2, dtype=torch.int64), "out_count": torch.tensor(1)}, TypeError,
          r"out_count must be an \(N=3,\) int64"),
-        ({"out_idx": torch.zeros(3, 2, dtype=torch.int64), "compact_output": True}, ValueError, "compact_output"),
+        ({"in_idx": torch.zeros(3, 2, dtype=torch.int64), "compact_input": True}, ValueError,
+         r"in_idx.shape\[1\]=2 \(the rows\) but x has 5"),
         ({"in_idx": torch.zeros(3, 2, dtype=torch.int64), "in_count": torch.tensor([1, 2])}, TypeError,
          r"in_count must be an \(N=3,\)"),
         ({"out_idx": torch.tensor([[0, 1], [1, 0], [0, 1]])}, ValueError, "sorted and unique"),

@@ -115,8 +115,7 @@ def test_sharing_is_exact_and_reads_fewer_channels(monkeypatch):
     torch.manual_seed(1)
     base = small_cnn()
     base(torch.randn(1, 3, 8, 8))  # materialize the LazyLinear
-    # the compact hand-off of Alg. 6 is the per-batch path (per-sample sets hand over full-size outputs and (N, O)
-    # rows: tests/test_sample_selection.py)
+    # per batch here (the per-sample hand-off, each sample's own channels: tests/test_sample_selection.py)
     linked = tritonslide.patch(copy.deepcopy(base), ALSHConfig(selection="batch"))
     unlinked = tritonslide.patch(copy.deepcopy(base), ALSHConfig(share_active_set=False, selection="batch"))
     for m in (linked, unlinked):

@@ -173,6 +173,52 @@ def test_mixed_selections_link_correctly():
         torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
 
 
+def _unlink(model):
+    for m in model.modules():
+        if isinstance(m, ALSHConv2d):
+            object.__setattr__(m, "_share_source", None)
+            m._publish = False
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_linked_per_sample_layers_hand_over_each_samples_channels_alone(train):
+    """Per-sample Alg. 6: inside the linked Sequential a per-sample layer hands the next one only each sample's
+    active channels, (N, largest count, H, W), so the ReLU and pooling between them see fewer channels; the output
+    and every parameter gradient equal the same layers unlinked (full-size outputs, all channels read)."""
+    torch.manual_seed(3)
+    cfg = ALSHConfig(selection="sample", bits=4, top_buckets=1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(10, 13, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(13, 7, 3, stride=2, padding=1),
+    )
+    model = tritonslide.patch(model, cfg, filter_fn=lambda m, name: True).train(train)
+    assert tritonslide.link_active_sets(model) == [("0", "3"), ("3", "5")]
+    reference = nn.Sequential(*[m for m in model])  # the same layers (and weights), unlinked below
+    seen = []
+    hooks = [model[i].register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1])) for i in (1, 4)]
+    x = torch.randn(5, 3, 14, 13, generator=torch.Generator().manual_seed(4))
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    counts = [model[0].last_active_counts, model[3].last_active_counts]
+    for h in hooks:
+        h.remove()
+    assert seen[0] < 10 and seen[1] < 13, f"the linked layers handed over full-size outputs: {seen}"
+    _unlink(model)
+    model.zero_grad()
+    for m in model.modules():
+        if isinstance(m, ALSHConv2d):
+            m.steps.zero_()
+    y_ref = reference(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
+    # the same active filters; the unlinked consumer reads every channel, the linked one each sample's own
+    assert [model[0].last_active_counts[0], model[3].last_active_counts[0]] == [c[0] for c in counts]
+    assert counts[1][1] < 10 and model[3].last_active_counts[1] == 10
+
+
 def test_stats_record_the_mean_per_sample_fraction():
     layer = ALSHConv2d(4, 10, 3, padding=1, config=ALSHConfig(selection="sample", bits=3, top_buckets=1)).eval()
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))

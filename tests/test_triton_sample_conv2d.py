@@ -407,3 +407,39 @@ def test_op_layer_with_triton_equals_the_torch_backend(device):
     for got, exp in zip(results["triton"][:4], results["torch"][:4]):
         assert_close(got, exp, torch.float32, reduction=c * 9 * 4)
     assert torch.equal(results["triton"][4], results["torch"][4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_layer_compact_forms_with_triton_equal_the_torch_backend(device):
+    """The per-sample compact input and output (expanded to full size around the kernels) agree with the PyTorch
+    fallback, forward and every gradient; the NaN past each row's count is never read."""
+    from tritonslide import ops, use_backend
+    from tritonslide._library import compact_rows
+
+    gen = torch.Generator().manual_seed(23)
+    n, c, o = 3, 5, 7
+    x = torch.randn(n, c, 9, 8, generator=gen).to(device)
+    w = torch.randn(o, c, 3, 3, generator=gen).to(device)
+    b = torch.randn(o, generator=gen).to(device)
+    out_rows = torch.stack([torch.randperm(o, generator=gen)[:5].sort().values for _ in range(n)]).to(device)
+    out_count = torch.tensor([5, 0, 3], device=device)
+    in_rows = torch.stack([torch.randperm(c, generator=gen)[:4].sort().values for _ in range(n)]).to(device)
+    in_count = torch.tensor([2, 4, 3], device=device)
+    xc = compact_rows(x, in_rows, in_count)
+    past = torch.arange(4, device=device)[None, :] >= in_count[:, None]
+    xc[past] = float("nan")
+    grad = torch.linspace(-1, 1, n * 5 * 81, device=device).view(n, 5, 9, 9)[..., :8]
+    grad = torch.where((torch.arange(5, device=device)[None, :] >= out_count[:, None])[:, :, None, None],
+                       float("nan"), grad)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (xc, w, b)]
+        with use_backend(backend):
+            y = ops.active_conv2d(*leaves, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count,
+                                  compact_input=True, compact_output=True)
+            y.backward(grad)
+        results[backend] = (y.detach(), *(t.grad for t in leaves))
+    assert results["torch"][0].shape == (n, 5, 9, 8)
+    for got, exp in zip(results["triton"], results["torch"]):
+        assert torch.isfinite(got).all()
+        assert_close(got, exp, torch.float32, reduction=c * 9 * 4)

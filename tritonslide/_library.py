@@ -166,6 +166,34 @@ def rows_mask(idx: Tensor, count: Optional[Tensor], size: int, dtype: torch.dtyp
     return torch.zeros(idx.shape[0], size, dtype=dtype, device=idx.device).scatter_add_(1, idx, valid)
 
 
+def _rows_valid(idx: Tensor, count: Optional[Tensor]) -> Tensor:
+    """(N, k) bool: which entries of per-sample rows lie before their row's count."""
+    if count is None:
+        return torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+    return torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]
+
+
+def expand_rows(xc: Tensor, idx: Tensor, count: Optional[Tensor], size: int) -> Tensor:
+    """A per-sample compact tensor (N, k, H, W) at full size (N, size, H, W): channel ``j`` of sample ``n`` goes to
+    channel ``idx[n, j]`` for ``j < count[n]``; every other channel is zero (what past a count is never read).
+    Padding entries land in a spare channel ``size``, sliced off, so a padding entry that repeats an active index
+    never overwrites it."""
+    n, k = idx.shape
+    target = torch.where(_rows_valid(idx, count), idx, size)
+    full = xc.new_zeros((n, size + 1, *xc.shape[2:]))
+    full.scatter_(1, target[:, :, None, None].expand(n, k, *xc.shape[2:]), xc)
+    return full[:, :size].contiguous(memory_format=_fmt(xc))
+
+
+def compact_rows(x: Tensor, idx: Tensor, count: Optional[Tensor]) -> Tensor:
+    """The per-sample compact form (N, k, H, W) of a full-size (N, C, H, W) tensor: channel ``j`` of sample ``n``
+    is channel ``idx[n, j]``, zero past the row's count."""
+    n, k = idx.shape
+    taken = x.gather(1, idx[:, :, None, None].expand(n, k, *x.shape[2:]))
+    taken = torch.where(_rows_valid(idx, count)[:, :, None, None], taken, 0)
+    return taken.contiguous(memory_format=_fmt(x))
+
+
 def _as_rows(idx: Optional[Tensor], count: Optional[Tensor], n: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """A batch set (1-d ``idx``, 0-d ``count``) as the same set for every sample; per-sample rows unchanged."""
     if idx is None or idx.dim() == 2:
@@ -433,21 +461,29 @@ def sample_conv2d_impl(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    compact_input: bool,
+    compact_output: bool,
     backend: str,
 ) -> Tensor:
     """``active_conv2d`` with per-sample sets (issue #15): ``torch_sample_conv2d`` or the Triton launcher, which
-    computes each sample's active rows on all channels of ``x`` masked to the sample's read channels."""
+    computes each sample's active rows on all channels of ``x`` masked to the sample's read channels (the compact
+    forms are expanded to full size and back around it; the kernels have no compact form yet)."""
     name = "tritonslide.ops.active_conv2d"
     out_idx, out_count, in_idx, in_count = _sample_args(name, x, weight, out_idx, out_count, in_idx, in_count)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     with _no_autocast(x.device.type):
         if _runtime_backend(backend) == "triton":
-            if in_idx is not None:
+            if compact_input:
+                x = expand_rows(x, in_idx, in_count, weight.shape[1])
+            elif in_idx is not None:
                 x = x * rows_mask(in_idx, in_count, x.shape[1], x.dtype)[:, :, None, None]
-            out_idx, count = _full_rows(out_idx, out_count, weight.shape[0])
-            y = kernels.get_kernel("sample_conv2d")(x, weight, bias, out_idx, count, stride, padding, dilation)
+            rows, count = _full_rows(out_idx, out_count, weight.shape[0])
+            y = kernels.get_kernel("sample_conv2d")(x, weight, bias, rows, count, stride, padding, dilation)
+            if compact_output:
+                y = compact_rows(y, out_idx, out_count)
         else:
-            y = torch_sample_conv2d(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation)
+            y = torch_sample_conv2d(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation,
+                                    compact_input, compact_output)
     return _like(y, _fmt(x))
 
 
@@ -455,9 +491,11 @@ sample_conv2d = torch.library.custom_op(f"{NS}::sample_conv2d", mutates_args=())
 
 
 @sample_conv2d.register_fake
-def _(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, backend):
+def _(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, compact_input,
+      compact_output, backend):
     ho, wo = _conv_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    o = out_idx.shape[-1] if compact_output and out_idx is not None else weight.shape[0]
+    return torch.empty((x.shape[0], o, ho, wo), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
 
 
 def sample_conv2d_backward_impl(
@@ -471,6 +509,8 @@ def sample_conv2d_backward_impl(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    compact_input: bool,
+    compact_output: bool,
     has_bias: bool,
     needs: Sequence[bool],
     backend: str,
@@ -483,16 +523,23 @@ def sample_conv2d_backward_impl(
         grad_y = grad_y.to(x.dtype)
     with _no_autocast(x.device.type):
         if _runtime_backend(backend) == "triton":
-            m_in = None if in_idx is None else rows_mask(in_idx, in_count, x.shape[1], x.dtype)[:, :, None, None]
-            xm = x if m_in is None else x * m_in
-            out_idx, count = _full_rows(out_idx, out_count, weight.shape[0])
+            if compact_input:
+                xm, m_in = expand_rows(x, in_idx, in_count, weight.shape[1]), None
+            else:
+                m_in = None if in_idx is None else rows_mask(in_idx, in_count, x.shape[1], x.dtype)[:, :, None, None]
+                xm = x if m_in is None else x * m_in
+            g = expand_rows(grad_y, out_idx, out_count, weight.shape[0]) if compact_output else grad_y
+            rows, count = _full_rows(out_idx, out_count, weight.shape[0])
             dx, dw, db = kernels.get_kernel("sample_conv2d_backward")(
-                grad_y, xm, weight, has_bias, out_idx, count, stride, padding, dilation, needs)
-            if dx is not None and m_in is not None:
+                g, xm, weight, has_bias, rows, count, stride, padding, dilation, needs)
+            if dx is not None and compact_input:
+                dx = compact_rows(dx, in_idx, in_count)
+            elif dx is not None and m_in is not None:
                 dx = dx * m_in
         else:
             dx, dw, db = torch_sample_conv2d_backward(grad_y, x, weight, has_bias, out_idx, out_count, in_idx,
-                                                      in_count, stride, padding, dilation, needs)
+                                                      in_count, stride, padding, dilation, needs, compact_input,
+                                                      compact_output)
     return _grads((dx, x, _fmt(x)), (dw, weight, _C), (db, weight, _C))
 
 
@@ -502,27 +549,29 @@ sample_conv2d_backward = torch.library.custom_op(f"{NS}::sample_conv2d_backward"
 
 
 @sample_conv2d_backward.register_fake
-def _(grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, dilation, has_bias, needs, backend):
+def _(grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, dilation, compact_input,
+      compact_output, has_bias, needs, backend):
     bias_like = weight.new_empty(weight.shape[0])
     return _fake_grads((needs[0], needs[1], needs[2] and has_bias), (x, _fmt(x)), (weight, _C), (bias_like, _C))
 
 
 def _sample_setup(ctx, inputs, output):
-    x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, backend = inputs
+    x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, c_in, c_out, backend = inputs
     ctx.save_for_backward(x, weight, out_idx, out_count, in_idx, in_count)
-    ctx.conf = (bias is not None, tuple(stride), tuple(padding), tuple(dilation), backend)
+    ctx.conf = (bias is not None, tuple(stride), tuple(padding), tuple(dilation), c_in, c_out, backend)
 
 
 def _sample_backward(ctx, grad_y):
     x, weight, out_idx, out_count, in_idx, in_count = ctx.saved_tensors
-    has_bias, stride, padding, dilation, backend = ctx.conf
+    has_bias, stride, padding, dilation, c_in, c_out, backend = ctx.conf
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     needs[2] = needs[2] and has_bias
     dx, dw, db = _call(sample_conv2d_backward, sample_conv2d_backward_impl,
-        grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, dilation, has_bias, needs, backend,
+        grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, dilation, c_in, c_out, has_bias,
+        needs, backend,
     )
     return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 sample_conv2d.register_autograd(_sample_backward, setup_context=_sample_setup)

@@ -273,7 +273,11 @@ def active_conv2d(
     ``in_idx`` (N, k) with ``in_count`` (N,) its own read channels; a 1-d set next to a 2-d one applies to every
     sample. Then ``y[n] = conv2d(x[n] * m_in[n], W, b) * m_out[n]``: a sample's output does not depend on its batch
     companions. Backward: dW and db sum each sample's contribution into its own active rows only; dx reaches each
-    sample's read channels only. Full-size input and output (no compact forms); no host synchronization on CUDA.
+    sample's read channels only. No host synchronization on CUDA. Per-sample compact forms are as wide as the rows:
+    ``compact_input`` means x is (N, in_idx.shape[-1], H, W) and its channel ``j`` of sample ``n`` is input channel
+    ``in_idx[n, j]`` for ``j < in_count[n]`` (the channels past the count are not read); ``compact_output`` returns
+    (N, out_idx.shape[-1], H', W') with channel ``j`` of sample ``n`` the filter ``out_idx[n, j]``, zero past the
+    count. Gradients come back in the same forms.
     """
     name = "tritonslide.ops.active_conv2d"
     _check_x(name, x)
@@ -283,25 +287,25 @@ def active_conv2d(
     x, weight, bias = _autocast(x, weight, bias)
     if compact_input and in_idx is None:
         raise ValueError(f"{name}: compact_input=True needs in_idx (the channels x holds)")
-    expected_c = in_idx.numel() if compact_input else weight.shape[1]
+    expected_c = in_idx.shape[-1] if compact_input else weight.shape[1]
     if x.shape[1] != expected_c:
-        what = f"len(in_idx)={expected_c}" if compact_input else f"{expected_c} input channels"
+        what = f"{expected_c} input channels"
+        if compact_input:
+            what = f"len(in_idx)={expected_c}" if in_idx.dim() == 1 else f"in_idx.shape[1]={expected_c} (the rows)"
         raise ValueError(f"{name}: weight expects {what} but x has {x.shape[1]}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise TypeError(f"{name}: weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) and dtype {x.dtype}, got {bias.shape}")
     per_sample = _per_sample(out_idx) or _per_sample(in_idx)
-    if per_sample and (compact_input or compact_output):
-        raise ValueError(f"{name}: per-sample (2-d) index sets need compact_input=False and compact_output=False "
-                         "(a compact tensor would need one channel count for the whole batch)")
     for which, idx, count, size in (("out", out_idx, out_count, weight.shape[0]), ("in", in_idx, in_count,
                                                                                    weight.shape[1])):
         if _per_sample(idx):
             _check_rows(name, which, idx, count, x.shape[0], size, x.device)
         else:
-            _check_count(name, idx, count, compact_output if which == "out" else compact_input, size, x.device,
-                         which)
+            # a per-sample compact tensor is as wide as the rows, whatever the counts: a count is allowed there
+            compact = (compact_output if which == "out" else compact_input) and not per_sample
+            _check_count(name, idx, count, compact, size, x.device, which)
     for label, size, extent in (("height", x.shape[2], weight.shape[2]), ("width", x.shape[3], weight.shape[3])):
         i = 0 if label == "height" else 1
         if size + 2 * padding[i] < dilation[i] * (extent - 1) + 1:
@@ -309,7 +313,7 @@ def active_conv2d(
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
     if per_sample:
         args = (x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation,
-                _backend_arg("sample_conv2d", x))
+                bool(compact_input), bool(compact_output), _backend_arg("sample_conv2d", x))
         if _library.eager(x, weight, bias, out_idx, in_idx, out_count, in_count):
             return _library.SampleConv2dFunction.apply(*args)
         return _library.sample_conv2d(*args)

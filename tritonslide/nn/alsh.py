@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from tritonslide import ops
+from tritonslide import _library, ops
+from tritonslide._backend import resolve_backend
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import ALSHConfig
 from tritonslide.nn._common import (
@@ -413,20 +414,36 @@ class ALSHConv2d(ALSHSelector):
             x = x.unsqueeze(0)
         # Inside a linked nn.Sequential the previous layer hands over only its active channels (Alg. 6).
         in_idx, in_count, read, compact_in = self._shared_input()
-        check_conv_input(self, x, channels=in_idx.shape[0] if compact_in else None)
+        check_conv_input(self, x, channels=in_idx.shape[-1] if compact_in else None)
+        per_sample = x.shape[0] > 0 and self.per_sample()
+        if compact_in and in_idx.dim() == 2 and not per_sample:
+            # a per-sample producer's compact output (its rows), for a per-batch step: back at full size
+            x, compact_in = _library.expand_rows(x, in_idx, in_count, self.in_channels), False
         if x.shape[0] == 0:
             self.sync_empty_batch()
             y = ops.active_conv2d(x, self.weight, self.bias, None, None, self.stride, self.padding, self.dilation)
-        elif self.per_sample():
-            # each sample's own set (N, O rows and (N,) counts, on the device): full-size output, zeros in each
-            # sample's inactive channels; a linked consumer reads each sample's own active channels
-            if compact_in:
-                x, in_count = _expand_channels(x, in_idx, self.in_channels), None
-            idx, count = self.active_filters(x, in_idx, in_count)
+        elif per_sample:
+            # each sample's own set: (N, O) rows and (N,) counts, on the device
+            if compact_in and in_idx.dim() == 1:  # a per-batch producer's compact output: the same set per sample
+                x, in_count, compact_in = _expand_channels(x, in_idx, self.in_channels), None, False
+            if compact_in:  # hashing reads the full-size input (zero outside each sample's set: no mask needed)
+                idx, count = self.active_filters(_library.expand_rows(x, in_idx, in_count, self.in_channels), None)
+            else:
+                idx, count = self.active_filters(x, in_idx, in_count)
+            # Per-sample Alg. 6: inside the linked Sequential the output holds each sample's active channels alone,
+            # (N, max count, H', W'), so the ReLU / pooling between the layers see that many channels; the
+            # consumer reads them as they are (row j of sample n: filter idx[n, j]). The width is the largest
+            # count (one host read; eager only) and the Triton kernels have no compact form, so only on the torch
+            # backend; otherwise a full-size output, zero in each sample's inactive channels.
+            compact_out = (self._emit_compact and self._compact_ok and exact_sets()
+                           and resolve_backend("sample_conv2d", x) == "torch")
+            if compact_out:
+                idx = idx[:, :int(count.max())]
             if self._publish:
-                self._publish_set(idx, count, True, False)
+                self._publish_set(idx, count, True, compact_out)
             y = ops.active_conv2d(x, self.weight, self.bias, idx, in_idx, self.stride, self.padding, self.dilation,
-                                  out_count=count, in_count=in_count)
+                                  out_count=count, in_count=in_count, compact_input=compact_in,
+                                  compact_output=compact_out)
             self._record_counts(count, read)
         elif self._publish and exact_sets():
             # a linked consumer reads the exact set and (in the Sequential) the compact output of its channels alone;
