@@ -23,7 +23,8 @@ each address and its padding mask are computed once per tap rather than once per
             contributes to input row ``ih`` only when ``(ih + p - r*d) % s == 0``, so a strided layer runs one set of
             programs per stride phase (``ih % s``), each looping over the taps that reach its phase only;
 * dW:       (active filters) x (active input channels), one tap per program, reduction over N*H'*W' with split-K
-            (fp32 atomics into an fp32 buffer; the interpreter has no fp16 atomic_add); db is a torch sum of the
+            (fp32 atomics into an fp32 buffer; the interpreter has no fp16 atomic_add; no split-K under
+            ``torch.use_deterministic_algorithms``, so each element has one writer); db is a torch sum of the
             compact dy, outside the GEMM's loop. x arrives as a zero-padded NHWC frame with a
             per-position row table, so the loop neither divides positions nor masks padding.
 
@@ -246,10 +247,26 @@ def _prune_dw(configs, nargs, **kwargs):
         gpu, fma = _DW_GPU, _DW_FMA
     out = clamp_blocks(_for_dtype(configs, a, "g_ptr", gpu, fma), n_extent, a["R_ACT"], n_name="BLOCK_N",
                        k_name="BLOCK_M")
+    if a.get("DETERMINISTIC"):
+        return _without_split_k(out)
     # split-K only where each split still has several K tiles to amortize its atomics over.
     k_red = a["K_RED"]
     kept = [c for c in out if c.kwargs["SPLIT_K"] == 1 or k_red >= 8 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]]
     return kept or out
+
+
+def _without_split_k(configs):
+    """``torch.use_deterministic_algorithms(True)``: every config with SPLIT_K=1, so each dW element is written by
+    one program (one fp32 atomic add into the zeroed buffer: exact, whatever the order of the programs)."""
+    out, seen = [], set()
+    for c in configs:
+        kw = {**c.kwargs, "SPLIT_K": 1}
+        sig = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(c if c.kwargs["SPLIT_K"] == 1 else triton.Config(
+                kw, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=c.pre_hook))
+    return out
 
 
 # autotune key: the conv geometry and the dot precision (TF32 and IEEE fp32 are different kernels)
@@ -534,7 +551,7 @@ def _active_conv2d_bwd_dx_kernel(
 
 @tuned(
     configs=_DW_CONFIGS,
-    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION", "ROWS", "PER_SAMPLE"],
+    key=["K_RED", "R_ACT", "C_ACT", "KH", "KW", "DH", "DW", "PRECISION", "ROWS", "PER_SAMPLE", "DETERMINISTIC"],
     prune_configs_by={"early_config_prune": _prune_dw},
     buckets=["R_ACT", "C_ACT"],
 )
@@ -546,6 +563,7 @@ def _active_conv2d_bwd_dw_kernel(
     HAS_OUT_IDX: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ROWS: tl.constexpr = False, C_PAD: tl.constexpr = 1, PER_SAMPLE: tl.constexpr = False,
+    DETERMINISTIC: tl.constexpr = False,
 ):
     """Alg. 5 (Feeney 2019), the update of the active rows only:
 
@@ -581,7 +599,11 @@ def _active_conv2d_bwd_dw_kernel(
     holds filter ``out_idx[n, j]``, row stride ``sio``) and adds its tile into the rows ``out_idx[n, :count[n]]``;
     samples meet through the same fp32 atomics as split-K slices. With ROWS, the table entries past the sample's
     last position are replaced by ``zero_row`` (the frame's zero image), so the x tile never reads the next
-    sample's pixels."""
+    sample's pixels.
+
+    ``DETERMINISTIC`` (``torch.use_deterministic_algorithms(True)`` at launch) changes no code: it keys the autotune
+    cache, and its prune runs every config with SPLIT_K=1 (per-sample dW is then summed by the per-batch launch of
+    ``tritonslide._library``, never across samples here)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(R_ACT, BLOCK_M)
@@ -1000,6 +1022,7 @@ def active_conv2d_backward(
                 gk.shape[1], frame.shape[3], *dw32.stride(), 0, 0, KH=kh, KW=kw, DH=dilation[0], DW=dilation[1],
                 HAS_OUT_IDX=o_idx is not None, HAS_IN_IDX=i_idx is not None,
                 HAS_COUNT=count is not None, PRECISION=prec, ROWS=rows_dw, C_PAD=c_pad,
+                DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
             )
         dw = dw32.to(weight.dtype)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from tests.tolerances import assert_close
-from tests.triton_utils import DEVICES, ON_INTERPRETER, dtypes_for, requires_triton
+from tests.triton_utils import DEVICES, ON_INTERPRETER, deterministic_algorithms, dtypes_for, requires_triton
 from tritonslide import ops, use_backend
 from tritonslide.cpu_fallback import torch_active_conv2d, torch_active_conv2d_backward
 
@@ -162,6 +162,30 @@ def test_dx_by_stride_phase_matches_reference(device, shape):
     check_against_reference(shape, torch.float32, got, ref, out_idx, in_idx)
     if shape[5] == 1:  # 1x1 stride 2: the input positions between the strided ones get exactly zero
         assert (got[1][:, :, 1::2] == 0).all() and (got[1][:, :, :, 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_mode_writes_dw_without_split_k(device):
+    """Under torch.use_deterministic_algorithms(True) every dW element is written by one program (SPLIT_K=1: one
+    atomic add into the zeroed buffer, exact in any order) instead of split-K slices meeting through fp32 atomics;
+    the values still match the reference. (The interpreter's only config splits K in two, so its default launches
+    take the split-K path.)"""
+    from tritonslide.kernels.active_conv2d import _active_conv2d_bwd_dw_kernel as dw_kernel
+
+    shape = SHAPES[2]
+    x, w, b, out_idx, in_idx, gy = make_case(shape, torch.float32, device, 0.5, 0.6, seed=4)
+    ref = masked_reference(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    got = run_triton(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    if ON_INTERPRETER:
+        assert dw_kernel.best_config.kwargs["SPLIT_K"] == 2
+    with deterministic_algorithms():
+        det = run_triton(x, w, b, out_idx, in_idx, *shape[7:], gy)
+        assert dw_kernel.best_config.kwargs["SPLIT_K"] == 1
+        again = run_triton(x, w, b, out_idx, in_idx, *shape[7:], gy)
+    for one in (got, det):
+        check_against_reference(shape, torch.float32, one, ref, out_idx, in_idx)
+    for a, b_ in zip(det, again):
+        assert a is None or torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("device", DEVICES)

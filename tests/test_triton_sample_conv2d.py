@@ -7,13 +7,15 @@ of ``sum(y * grad_y)``. The histogram reference is ``torch_hash_histogram`` of e
 kernels run in Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``), so the shapes are tiny.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from tests.tolerances import assert_close
-from tests.triton_utils import DEVICES, dtypes_for, requires_triton
+from tests.triton_utils import DEVICES, deterministic_algorithms, dtypes_for, requires_triton
 from tritonslide.cpu_fallback import torch_hash_histogram
 
 pytestmark = requires_triton
@@ -443,3 +445,51 @@ def test_op_layer_compact_forms_with_triton_equal_the_torch_backend(device):
     for got, exp in zip(results["triton"], results["torch"]):
         assert torch.isfinite(got).all()
         assert_close(got, exp, torch.float32, reduction=c * 9 * 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_mode_sums_per_sample_dw_in_one_per_batch_launch(device, monkeypatch):
+    """Per-sample dW adds the samples' tiles with fp32 atomics in no fixed order; under
+    torch.use_deterministic_algorithms(True) it is one per-batch dW launch (no PER_SAMPLE, SPLIT_K=1) over every
+    filter of dy masked per sample. Same values as the PyTorch backend, dx unchanged."""
+    from tritonslide import ops, use_backend
+    from tritonslide.kernels import active_conv2d as k
+
+    launches = []
+    real_run = k._active_conv2d_bwd_dw_kernel.run
+
+    def spy(*args, **kwargs):
+        launches.append((kwargs.get("PER_SAMPLE", False), kwargs.get("DETERMINISTIC", False)))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(k._active_conv2d_bwd_dw_kernel, "run", spy)
+    gen = torch.Generator().manual_seed(29)
+    n, c, o = 3, 6, 7
+    x = torch.randn(n, c, 8, 9, generator=gen).to(device)
+    w = torch.randn(o, c, 3, 3, generator=gen).to(device)
+    b = torch.randn(o, generator=gen).to(device)
+    out_rows = torch.stack([torch.randperm(o, generator=gen).sort().values for _ in range(n)]).to(device)
+    out_count = torch.tensor([4, 0, 7], device=device)
+    out_rows[0, :4] = torch.tensor([0, 2, 3, 6])
+    in_rows = torch.stack([torch.randperm(c, generator=gen).sort().values for _ in range(n)]).to(device)
+    in_count = torch.tensor([3, 6, 2], device=device)
+    in_rows[0, :3] = torch.tensor([1, 4, 5])
+    in_rows[2, :2] = torch.tensor([0, 3])
+    grad = torch.randn(n, o, 8, 9, generator=gen).to(device)
+    results = {}
+    for mode in ("torch", "triton", "deterministic"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        launches.clear()
+        with use_backend("torch" if mode == "torch" else "triton"), \
+                (deterministic_algorithms() if mode == "deterministic" else contextlib.nullcontext()):
+            y = ops.active_conv2d(*leaves, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count)
+            y.backward(grad)
+        results[mode] = [t.grad for t in leaves]
+        if mode == "triton":
+            assert launches == [(True, False)]
+        if mode == "deterministic":
+            assert launches == [(False, True)]
+            assert k._active_conv2d_bwd_dw_kernel.best_config.kwargs["SPLIT_K"] == 1
+    for mode in ("triton", "deterministic"):
+        for got, exp in zip(results[mode], results["torch"]):
+            assert_close(got, exp, torch.float32, reduction=n * 72)

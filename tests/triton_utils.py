@@ -4,6 +4,7 @@
 so CI runs every kernel on small CPU shapes. The interpreter has no bf16 ``tl.dot`` and no fp16 ``atomic_add``.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -29,3 +30,15 @@ requires_triton = pytest.mark.skipif(
 def dtypes_for(device_is_interpreter: bool = ON_INTERPRETER) -> list[torch.dtype]:
     """Half-precision dtypes the kernels are tested in: the interpreter has no bf16 tl.dot."""
     return [torch.float16] if device_is_interpreter else [torch.float16, torch.bfloat16]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` for the block, the previous setting restored after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)

@@ -165,29 +165,44 @@ def time_calls(
     ``rounds``, ``warmup_rounds``, every round (``data_s``) and the share of the CPUs other processes used meanwhile
     (``other_cpu_load``, :class:`OtherLoad`).
     """
+    return time_interleaved({"fn": fn}, rounds, warmup, synchronize)["fn"]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, synchronize: Callable[[], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """:func:`time_calls` for several functions at once, round-robin: each round calls every function once, in
+    order, so a slow phase of a shared machine lands on all of them alike instead of on whichever ran then (a
+    baseline and its variants timed one after the other moved by 30% between runs here). Same keys per function;
+    ``other_cpu_load`` covers the whole loop."""
     from pytest_benchmark.stats import Stats
     from pytest_benchmark.timers import default_timer
 
     sync = synchronize or (lambda: None)
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    stats = Stats()
+    stats = {name: Stats() for name in fns}
     with OtherLoad() as load:
         for _ in range(rounds):
-            sync()
-            start = default_timer()
-            fn()
-            sync()
-            stats.update(default_timer() - start)
-    p20, p50, p80 = quantiles(stats.data)
-    return {
-        "rounds": stats.rounds, "warmup_rounds": warmup,
-        "min_s": stats.min, "max_s": stats.max, "mean_s": stats.mean, "stddev_s": stats.stddev,
-        "median_s": stats.median, "iqr_s": stats.iqr, "ops": stats.ops,
-        "p20_s": p20, "p50_s": p50, "p80_s": p80,
-        "data_s": list(stats.data), "other_cpu_load": load.value,
-    }
+            for name, fn in fns.items():
+                sync()
+                start = default_timer()
+                fn()
+                sync()
+                stats[name].update(default_timer() - start)
+    out = {}
+    for name, st in stats.items():
+        p20, p50, p80 = quantiles(st.data)
+        out[name] = {
+            "rounds": st.rounds, "warmup_rounds": warmup,
+            "min_s": st.min, "max_s": st.max, "mean_s": st.mean, "stddev_s": st.stddev,
+            "median_s": st.median, "iqr_s": st.iqr, "ops": st.ops,
+            "p20_s": p20, "p50_s": p50, "p80_s": p80,
+            "data_s": list(st.data), "other_cpu_load": load.value,
+        }
+    return out
 
 
 # torchvision's ImageNet normalization, as used by the thesis (shared/papers/001, sec. 5.2).

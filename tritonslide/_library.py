@@ -530,8 +530,18 @@ def sample_conv2d_backward_impl(
                 xm = x if m_in is None else x * m_in
             g = expand_rows(grad_y, out_idx, out_count, weight.shape[0]) if compact_output else grad_y
             rows, count = _full_rows(out_idx, out_count, weight.shape[0])
+            # samples meet in dW through fp32 atomics, in no fixed order; under torch.use_deterministic_algorithms
+            # dW is instead one per-batch dW over every filter of dy masked per sample (no split-K there): the dense
+            # layer's dW work, summed in a fixed order
+            deterministic = needs[1] and torch.are_deterministic_algorithms_enabled()
             dx, dw, db = kernels.get_kernel("sample_conv2d_backward")(
-                g, xm, weight, has_bias, rows, count, stride, padding, dilation, needs)
+                g, xm, weight, has_bias, rows, count, stride, padding, dilation,
+                (needs[0], needs[1] and not deterministic, needs[2]))
+            if deterministic:
+                m_out = rows_mask(out_idx, out_count, weight.shape[0], torch.float32)[:, :, None, None] > 0
+                _, dw, _ = kernels.get_kernel("active_conv2d_backward")(
+                    torch.where(m_out, g, 0), xm, weight, False, None, None, stride, padding, dilation,
+                    (False, True, False))
             if dx is not None and compact_input:
                 dx = compact_rows(dx, in_idx, in_count)
             elif dx is not None and m_in is not None:

@@ -91,6 +91,14 @@ def time_fn(fn: Callable[[], Any], rounds: int, warmup: int = 1) -> dict[str, An
     return time_calls(fn, rounds=rounds, warmup=warmup, synchronize=sync)
 
 
+def time_round_robin(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """:func:`time_fn` for several functions, one call of each per round (``_benchtools.time_interleaved``)."""
+    from tritonslide._benchtools import time_interleaved
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    return time_interleaved(fns, rounds=rounds, warmup=warmup, synchronize=sync)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table; floats are printed as given (format them before)."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
