@@ -380,20 +380,28 @@ def test_prunes_read_keyword_arguments_as_triton_passes_them():
 
 
 # ---------------------------------------------------------------------- through the op layer
-@pytest.mark.parametrize("device", DEVICES)
-def test_op_layer_with_triton_equals_the_torch_backend(device):
-    """ops.active_conv2d with per-sample out and in rows (shorter than O, with counts) and ops.hash_histogram with
-    per_sample=True route to these kernels and agree with the PyTorch fallback, forward and every gradient."""
-    from tritonslide import ops, use_backend
-
-    gen = torch.Generator().manual_seed(21)
+def _op_case(device, seed, in_width):
+    """3 samples, 5 channels, 7 filters on 9x8 maps: x, W, b, (3, 5) output rows with counts (5, 0, 3) and (3,
+    in_width) sorted input rows (the caller sets their counts), and the generator to go on with."""
+    gen = torch.Generator().manual_seed(seed)
     n, c, o = 3, 5, 7
     x = torch.randn(n, c, 9, 8, generator=gen).to(device)
     w = torch.randn(o, c, 3, 3, generator=gen).to(device)
     b = torch.randn(o, generator=gen).to(device)
     out_rows = torch.stack([torch.randperm(o, generator=gen)[:5].sort().values for _ in range(n)]).to(device)
     out_count = torch.tensor([5, 0, 3], device=device)
-    in_rows = torch.stack([torch.randperm(c, generator=gen).sort().values for _ in range(n)]).to(device)
+    in_rows = torch.stack([torch.randperm(c, generator=gen)[:in_width].sort().values for _ in range(n)]).to(device)
+    return x, w, b, out_rows, out_count, in_rows, gen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_layer_with_triton_equals_the_torch_backend(device):
+    """ops.active_conv2d with per-sample out and in rows (shorter than O, with counts) and ops.hash_histogram with
+    per_sample=True route to these kernels and agree with the PyTorch fallback, forward and every gradient."""
+    from tritonslide import ops, use_backend
+
+    c = 5
+    x, w, b, out_rows, out_count, in_rows, _ = _op_case(device, 21, c)
     in_count = torch.tensor([2, 5, 4], device=device)
     in_rows[0, :2] = torch.tensor([1, 3])
     in_rows[2, :4] = torch.tensor([0, 1, 2, 4])
@@ -418,14 +426,8 @@ def test_op_layer_compact_forms_with_triton_equal_the_torch_backend(device):
     from tritonslide import ops, use_backend
     from tritonslide._library import compact_rows
 
-    gen = torch.Generator().manual_seed(23)
-    n, c, o = 3, 5, 7
-    x = torch.randn(n, c, 9, 8, generator=gen).to(device)
-    w = torch.randn(o, c, 3, 3, generator=gen).to(device)
-    b = torch.randn(o, generator=gen).to(device)
-    out_rows = torch.stack([torch.randperm(o, generator=gen)[:5].sort().values for _ in range(n)]).to(device)
-    out_count = torch.tensor([5, 0, 3], device=device)
-    in_rows = torch.stack([torch.randperm(c, generator=gen)[:4].sort().values for _ in range(n)]).to(device)
+    n, c = 3, 5
+    x, w, b, out_rows, out_count, in_rows, _ = _op_case(device, 23, 4)
     in_count = torch.tensor([2, 4, 3], device=device)
     xc = compact_rows(x, in_rows, in_count)
     past = torch.arange(4, device=device)[None, :] >= in_count[:, None]
