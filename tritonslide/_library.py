@@ -159,10 +159,7 @@ def check_rows_values(name: str, which: str, idx: Tensor, count: Optional[Tensor
 def rows_mask(idx: Tensor, count: Optional[Tensor], size: int, dtype: torch.dtype) -> Tensor:
     """(N, size) 0/1 mask of per-sample sets; padding entries (past a row's count) add 0, so a padding entry that
     repeats an active index changes nothing."""
-    if count is None:
-        valid = torch.ones(idx.shape, dtype=dtype, device=idx.device)
-    else:
-        valid = (torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]).to(dtype)
+    valid = _rows_valid(idx, count).to(dtype)
     return torch.zeros(idx.shape[0], size, dtype=dtype, device=idx.device).scatter_add_(1, idx, valid)
 
 
