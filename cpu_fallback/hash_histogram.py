@@ -43,13 +43,20 @@ def torch_hash_histogram(
         wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         proj = x.new_zeros(x.shape[0], planes.shape[0], ho, wo)
     else:
-        if x.shape[1] <= 4 and x.device.type == "cpu" and not is_channels_last(x):
-            # a network's first convolution (3 channels): oneDNN's NCHW path is slow for so few channels; the
-            # channels_last copy and its convolution took 52 ms against 67 ms on AlexNet conv1's projections (batch
-            # 64 at 224 px, 2 threads, best of 15 interleaved rounds), 4.1 against 7.6 ms at batch 8. No gain from
-            # 64 channels up (20 vs 25 ms at 27x27)
-            x = x.contiguous(memory_format=torch.channels_last)
-        proj = F.conv2d(x, planes.to(x.dtype), None, stride, padding, dilation)
+        w = planes.to(x.dtype)
+        if x.device.type == "cpu":
+            if x.shape[1] <= 4 and not is_channels_last(x):
+                # a network's first convolution (3 channels): oneDNN's NCHW path is slow for so few channels; the
+                # channels_last copy and its convolution took 52 ms against 67 ms on AlexNet conv1's projections
+                # (batch 64 at 224 px, 2 threads, best of 15 interleaved rounds), 4.1 against 7.6 ms at batch 8.
+                # From 64 channels up the copy costs what it saves, so NCHW inputs stay NCHW
+                x = x.contiguous(memory_format=torch.channels_last)
+            if is_channels_last(x) and w.shape[0] % 16:
+                # oneDNN's channels_last kernels block the output channels by 16: L*K = 15 projections padded
+                # with one zero plane (its output sliced off) ran 1.4-2.2x faster on this CPU (AlexNet conv4's
+                # (64, 384, 13, 13): 14.6 -> 8.3 ms; VGG's (64, 128, 56, 56): 103 -> 47 ms; conv1: 49 -> 42 ms)
+                w = torch.cat([w, w.new_zeros(16 - w.shape[0] % 16, *w.shape[1:])])
+        proj = F.conv2d(x, w, None, stride, padding, dilation)[:, :planes.shape[0]]
     n, _, ho, wo = proj.shape
     signs = (proj >= 0).unflatten(1, (n_tables, bits))  # a view in either memory format
     # Packing bit by bit keeps the temporaries at one int32 per (patch, table) instead of one int64 per bit.

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ._format import is_channels_last
 from ._gather import add_block, take_block
+from ._workers import map_parts
 
 
 def _masks(idx: torch.Tensor | None, count: torch.Tensor | None, n: int, size: int) -> torch.Tensor | None:
@@ -52,21 +53,24 @@ def _masks(idx: torch.Tensor | None, count: torch.Tensor | None, n: int, size: i
     return mask.scatter_reduce_(1, idx, valid, reduce="amax")
 
 
-def _groups(out_mask: torch.Tensor, in_mask: torch.Tensor | None):
-    """Yield ``(samples, out_set, in_set)`` for every group of samples that share both sets (``in_set`` None: all
-    channels). One ``torch.unique`` over the concatenated masks; the host reads the groups (free on the CPU)."""
+def _groups(out_mask: torch.Tensor, in_mask: torch.Tensor | None) -> tuple[list, list[float]]:
+    """``(groups, costs)``: one ``(samples, out_set, in_set)`` per group of samples that share both sets (``in_set``
+    None: all channels), and each group's multiply-adds per output position (samples x filters x channels). One
+    ``torch.unique`` over the concatenated masks; the host reads the groups (free on the CPU)."""
     key = out_mask if in_mask is None else torch.cat([out_mask, in_mask], 1)
     uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
     order = torch.argsort(inverse, stable=True)
-    sizes = torch.bincount(inverse, minlength=uniq.shape[0]).tolist()
+    sizes = torch.bincount(inverse, minlength=uniq.shape[0])
     o = out_mask.shape[1]
-    start = 0
-    for g, size in enumerate(sizes):
-        samples = order[start:start + size]
-        start += size
+    filters = uniq[:, :o].sum(1)
+    channels = uniq[:, o:].sum(1) if in_mask is not None else torch.full_like(filters, 1)
+    costs = (sizes * filters * channels).tolist()
+    groups = []
+    for g, (start, size) in enumerate(zip((torch.cumsum(sizes, 0) - sizes).tolist(), sizes.tolist())):
         out_set = uniq[g, :o].nonzero().view(-1)
         in_set = None if in_mask is None else uniq[g, o:].nonzero().view(-1)
-        yield samples, out_set, in_set
+        groups.append((order[start:start + size], out_set, in_set))
+    return groups, costs
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,20 +132,25 @@ def torch_sample_conv2d(
     # half precision runs each group's convolution in float32: the CPU kernels' half-precision paths for a batch of
     # one sample accumulated in low precision (dx off by 9% on a 63-term sum in bfloat16)
     acc = _accumulation_dtype(x.dtype)
-    out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
-    for samples, out_set, in_set in _groups(out_mask, in_mask):
-        if out_set.numel() == 0:
-            continue
-        b = None if bias is None else bias.index_select(0, out_set)
-        if in_set is not None and in_set.numel() == 0:  # nothing read: only the bias
-            if b is not None:
-                _put(y, samples, out_set, b[None, :, None, None].expand(len(samples), -1, ho, wo), compact_output)
-            continue
-        w = take_block(weight, out_set, in_set)
-        xs = _take(x, samples, in_set, compact_input)
-        if xs.dtype != acc:
-            xs, w, b = xs.to(acc), w.to(acc), None if b is None else b.to(acc)
-        _put(y, samples, out_set, F.conv2d(xs, w, b, stride, padding, dilation).to(x.dtype), compact_output)
+    groups, costs = _groups(_masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c))
+
+    def run(part: list) -> None:  # each group writes only its own samples of y
+        for samples, out_set, in_set in part:
+            if out_set.numel() == 0:
+                continue
+            b = None if bias is None else bias.index_select(0, out_set)
+            if in_set is not None and in_set.numel() == 0:  # nothing read: only the bias
+                if b is not None:
+                    _put(y, samples, out_set, b[None, :, None, None].expand(len(samples), -1, ho, wo),
+                         compact_output)
+                continue
+            w = take_block(weight, out_set, in_set)
+            xs = _take(x, samples, in_set, compact_input)
+            if xs.dtype != acc:
+                xs, w, b = xs.to(acc), w.to(acc), None if b is None else b.to(acc)
+            _put(y, samples, out_set, F.conv2d(xs, w, b, stride, padding, dilation).to(x.dtype), compact_output)
+
+    map_parts(run, groups, costs)
     return y
 
 
@@ -171,11 +180,12 @@ def torch_sample_conv2d_backward(
     acc = _accumulation_dtype(x.dtype)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_() if need_x else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    db = torch.zeros(o, dtype=acc, device=weight.device) if need_b else None
-    if n and (need_x or need_w or need_b):
-        out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
-        for samples, out_set, in_set in _groups(out_mask, in_mask):
+
+    def run(part: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        # dx rows belong to one group each; dW and db are summed per part, then over the parts in order
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(o, dtype=acc, device=weight.device) if need_b else None
+        for samples, out_set, in_set in part:
             if out_set.numel() == 0:
                 continue
             g = _take(grad_y, samples, out_set, compact_output)
@@ -195,4 +205,16 @@ def torch_sample_conv2d_backward(
                     dx[samples] = dx_grp.to(x.dtype)
                 else:
                     _put(dx, samples, in_set, dx_grp.to(x.dtype), compact_input)
+        return dw, db
+
+    if n and (need_x or need_w or need_b):
+        parts = map_parts(run, *_groups(_masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)))
+    else:
+        parts = [run([])]
+    dw, db = parts[0]
+    for dw_part, db_part in parts[1:]:
+        if need_w:
+            dw += dw_part
+        if need_b:
+            db += db_part
     return dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype)

@@ -427,7 +427,10 @@ class ALSHConv2d(ALSHSelector):
             if compact_in and in_idx.dim() == 1:  # a per-batch producer's compact output: the same set per sample
                 x, in_count, compact_in = _expand_channels(x, in_idx, self.in_channels), None, False
             if compact_in:  # hashing reads the full-size input (zero outside each sample's set: no mask needed)
-                idx, count = self.active_filters(_library.expand_rows(x, in_idx, in_count, self.in_channels), None)
+                # built channels_last for the CPU hash, whose 16 padded projections run 1.4-2.2x faster so
+                fmt = torch.channels_last if resolve_backend("hash_histogram", x) == "torch" else None
+                full = _library.expand_rows(x, in_idx, in_count, self.in_channels, fmt)
+                idx, count = self.active_filters(full, None)
             else:
                 idx, count = self.active_filters(x, in_idx, in_count)
             # Per-sample Alg. 6: inside the linked Sequential the output holds each sample's active channels alone,

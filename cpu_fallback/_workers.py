@@ -1,0 +1,111 @@
+"""Runs independent pieces of a CPU op on several threads, one intra-op thread each (issue #15).
+
+The per-sample convolution is a loop of small convolutions, one per group of samples that share their sets
+(mostly one sample each). A batch-1 convolution uses two intra-op threads poorly: on AlexNet's 13x13 layers at
+batch 64 the loop on 2 threads took 2-3x the time of one batch convolution of the same multiply-adds. PyTorch
+releases the GIL inside its kernels, so two Python threads that each run half of the groups keep both cores busy
+and overlap one group's Python and gather work with the other's convolution: AlexNet's conv2-conv5 per-sample
+loops went from 219 / 95 / 130 / 102 ms to 88 / 46 / 57 / 44 ms (batch 64, this 2-core CPU, best of 7).
+
+Each worker runs its convolutions on ONE intra-op thread (OpenMP's thread count is per thread), so ``n`` workers
+use ``n`` cores and a 16-core machine runs 16 workers, not 16 teams of 16 threads. ``n`` is the calling thread's
+``torch.get_num_threads()``; ``TRITONSLIDE_CPU_WORKERS=1`` turns the threads off (``=k`` caps them at ``k``).
+
+Pieces are split in a fixed way (largest first onto the least loaded worker, by a cost the caller gives), so a
+run's partition, and any sum the caller makes over the parts in part order, is the same every time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# a piece list runs on threads only when its most loaded worker gets at most this share of the total cost: a
+# loop whose largest piece dominates runs faster on the caller's own intra-op threads
+_BALANCE = 0.75
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] | None = None
+
+
+def workers() -> int:
+    """How many worker threads a parallel op uses from the calling thread (1: none)."""
+    n = torch.get_num_threads()
+    cap = os.environ.get("TRITONSLIDE_CPU_WORKERS", "")
+    if cap:
+        try:
+            n = min(n, int(cap))
+        except ValueError:
+            raise ValueError(f"TRITONSLIDE_CPU_WORKERS must be an integer, got {cap!r}") from None
+    return max(1, n)
+
+
+def _one_thread(barrier: threading.Barrier) -> None:
+    # the first call in a thread sets its OpenMP count from the process-wide one (restored to the caller's below),
+    # so make it before setting this thread's own count
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    barrier.wait(timeout=60)
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    """The shared pool of ``n`` one-thread workers (a new one after a fork: the parent's threads do not exist)."""
+    global _pool, _pool_key
+    key = (os.getpid(), n)
+    with _lock:
+        if _pool_key != key:
+            main_threads = torch.get_num_threads()
+            barrier = threading.Barrier(n)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="tritonslide-cpu", initializer=_one_thread,
+                                      initargs=(barrier,))
+            # n tasks while every started worker waits at the barrier: the pool starts all n workers now
+            for f in [pool.submit(int) for _ in range(n)]:
+                f.result()
+            # torch.set_num_threads(1) in a worker also changed the process-wide count that new threads start
+            # with; set it back to the caller's (the caller's own OpenMP count never changed)
+            torch.set_num_threads(main_threads)
+            if _pool is not None and _pool_key is not None and _pool_key[0] == os.getpid():
+                _pool.shutdown(wait=False)
+            _pool, _pool_key = pool, key
+        return _pool
+
+
+def partition(costs: Sequence[float], n: int) -> list[list[int]]:
+    """Indices of ``costs`` in ``n`` parts of about equal total: largest first onto the least loaded part (ties to
+    the lower part), each part in increasing index order. Deterministic."""
+    loads = [0.0] * n
+    parts: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        p = min(range(n), key=lambda p: (loads[p], p))
+        loads[p] += costs[i]
+        parts[p].append(i)
+    return [sorted(p) for p in parts if p]
+
+
+def map_parts(body: Callable[[list[T]], R], items: Sequence[T], costs: Sequence[float]) -> list[R]:
+    """``[body(part) for part in parts]`` with ``items`` split into parts by ``costs``, the parts run on the worker
+    threads when that pays (more than one worker, and no part above ``_BALANCE`` of the total cost), else one part
+    of every item run here. ``body`` runs with the caller's inference mode and without autograd recording, and
+    must write only what its own items own."""
+    n = min(workers(), len(items))
+    parts = partition(costs, n) if n > 1 else []
+    total = float(sum(costs))
+    if len(parts) < 2 or total <= 0 or max(sum(costs[i] for i in p) for p in parts) > _BALANCE * total:
+        return [body(list(items))]
+    inference = torch.is_inference_mode_enabled()
+
+    def run(part: list[int]) -> R:
+        # grad mode and inference mode are per thread: a worker starts with neither as the caller has them
+        with torch.inference_mode(inference), torch.no_grad():
+            return body([items[i] for i in part])
+
+    pool = _get_pool(workers())
+    return [f.result() for f in [pool.submit(run, p) for p in parts]]
