@@ -116,3 +116,28 @@ def test_index_values_are_checked_at_run_time_on_both_paths():
         _library.active_conv2d(x, w, None, bad, None, None, None, *CONV, False, False, "torch", False)
     with pytest.raises(ValueError, match=r"in_count=6 must lie in \[0, len\(in_idx\)=2\]"):
         ops.active_conv2d(x, w, None, None, torch.tensor([0, 1]), in_count=torch.tensor(6))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_expand_and_compact_rows_equal_a_loop(fmt):
+    """expand_rows puts channel j of sample n at idx[n, j] (j < count[n]), zeros elsewhere, whatever lies past a
+    count (NaN here, and padding entries that repeat an active index); compact_rows is its inverse."""
+    g = torch.Generator().manual_seed(3)
+    n, size, k, hw = 5, 11, 7, (4, 3)
+    count = torch.tensor([7, 0, 3, 5, 1])
+    idx = torch.zeros(n, k, dtype=torch.int64)
+    for s, c in enumerate(count.tolist()):
+        idx[s, :c] = torch.randperm(size, generator=g)[:c].sort().values
+        idx[s, c:] = idx[s, 0] if c else 4  # padding that repeats an active index
+    xc = torch.randn(n, k, *hw, generator=g)
+    xc[torch.arange(k)[None, :] >= count[:, None]] = float("nan")
+    full = _library.expand_rows(xc, idx, count, size, fmt)
+    ref = torch.zeros(n, size, *hw)
+    for s, c in enumerate(count.tolist()):
+        for j in range(c):
+            ref[s, idx[s, j]] = xc[s, j]
+    assert torch.equal(full, ref)
+    assert full.is_contiguous(memory_format=fmt)
+    back = _library.compact_rows(full, idx, count)
+    valid = torch.arange(k)[None, :] < count[:, None]
+    assert torch.equal(back[valid], xc[valid]) and not back[~valid].any()
