@@ -1,11 +1,12 @@
 """Runs independent pieces of a CPU op on several threads, one intra-op thread each (issue #15).
 
 The per-sample convolution is a loop of small convolutions, one per group of samples that share their sets
-(mostly one sample each). A batch-1 convolution uses two intra-op threads poorly: on AlexNet's 13x13 layers at
-batch 64 the loop on 2 threads took 2-3x the time of one batch convolution of the same multiply-adds. PyTorch
-releases the GIL inside its kernels, so two Python threads that each run half of the groups keep both cores busy
-and overlap one group's Python and gather work with the other's convolution: AlexNet's conv2-conv5 per-sample
-loops went from 219 / 95 / 130 / 102 ms to 88 / 46 / 57 / 44 ms (batch 64, this 2-core CPU, best of 7).
+(mostly one sample each), and a batch-1 convolution keeps two intra-op threads poorly busy. PyTorch releases the
+GIL inside its kernels, so worker threads that each run part of the groups keep the cores busy and overlap one
+part's Python and gathers with another's convolutions. Measured on this 2-core CPU (batch 64, interleaved, best of
+8 rounds), AlexNet conv2-conv5's per-sample calls: 99 / 54 / 66 / 49 ms on one thread of calls -> 75 / 47 / 56 / 46
+ms on two workers with full-size inputs, 74 / 46 / 60 / 43 -> 69 / 43 / 55 / 42 ms with compact inputs; VGG-11 per
+sample, whole model: 8.49 -> 7.37 s (best of 4, per batch 6.10 s).
 
 Each worker runs its convolutions on ONE intra-op thread (OpenMP's thread count is per thread), so ``n`` workers
 use ``n`` cores and a 16-core machine runs 16 workers, not 16 teams of 16 threads. ``n`` is the calling thread's
@@ -28,7 +29,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # a piece list runs on threads only when its most loaded worker gets at most this share of the total cost: a
-# loop whose largest piece dominates runs faster on the caller's own intra-op threads
+# loop whose largest piece dominates runs faster on the caller's own intra-op threads. A judgment, not a
+# measurement: with two workers, 75% leaves at most 1.33x, about what a second intra-op thread gives one
+# convolution here (a one-thread loop of per-sample convolutions ran 1.2-1.75x slower than a two-thread one)
 _BALANCE = 0.75
 
 _lock = threading.Lock()

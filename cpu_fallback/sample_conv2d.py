@@ -17,7 +17,9 @@ small convolution per sample; measured faster than the batched alternatives. On 
 batch 16 (1 thread, 40% of the filters on 40% of the channels per sample) the group loop took 0.8-1.9x the time of
 one per-batch convolution with the same fractions, where an im2col + batched matmul over chunks of samples with
 gathered weights took 1.6-4.3x (the unfold / gather copies and small-matrix GEMMs), and one convolution of all the
-filters masked per sample does 2.5x (1 / 0.4) the multiply-adds.
+filters masked per sample does 2.5x (1 / 0.4) the multiply-adds. The groups run on worker threads with one
+intra-op thread each (``_workers.py``: parts of about equal multiply-adds, a fixed partition; dW and db are summed
+per part, then over the parts in order, so a run repeats bitwise).
 
 Index rows: ``out_idx`` (N, Ko) int64 and ``out_count`` (N,) int64; ``out_count=None`` means every entry of the row.
 ``in_idx`` / ``in_count`` likewise, or ``None`` (every input channel). Entries past a count are never read.
