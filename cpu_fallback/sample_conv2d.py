@@ -135,6 +135,9 @@ def torch_sample_conv2d(
     # one sample accumulated in low precision (dx off by 9% on a 63-term sum in bfloat16)
     acc = _accumulation_dtype(x.dtype)
     groups, costs = _groups(_masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c))
+    # one contiguous copy of a channels_last weight (a model moved to channels_last) here, not one per group inside
+    # take_block: AlexNet conv3's 64 per-sample gathers cost 45 ms of copies that way
+    weight = weight.contiguous()
 
     def run(part: list) -> None:  # each group writes only its own samples of y
         for samples, out_set, in_set in part:
@@ -182,6 +185,7 @@ def torch_sample_conv2d_backward(
     acc = _accumulation_dtype(x.dtype)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_() if need_x else None
+    weight = weight.contiguous()  # once, not per group (as in the forward)
 
     def run(part: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # dx rows belong to one group each; dW and db are summed per part, then over the parts in order
