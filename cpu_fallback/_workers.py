@@ -35,8 +35,9 @@ R = TypeVar("R")
 _BALANCE = 0.75
 
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] | None = None
+# one pool per (process, size), kept for the process' life: replacing a pool when the thread count changes could
+# shut it down under another thread that is about to submit to it; a forked child's key differs from its parent's
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def workers() -> int:
@@ -60,11 +61,11 @@ def _one_thread(barrier: threading.Barrier) -> None:
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
-    """The shared pool of ``n`` one-thread workers (a new one after a fork: the parent's threads do not exist)."""
-    global _pool, _pool_key
+    """The shared pool of ``n`` one-thread workers of this process."""
     key = (os.getpid(), n)
     with _lock:
-        if _pool_key != key:
+        pool = _pools.get(key)
+        if pool is None:
             main_threads = torch.get_num_threads()
             barrier = threading.Barrier(n)
             pool = ThreadPoolExecutor(n, thread_name_prefix="tritonslide-cpu", initializer=_one_thread,
@@ -75,10 +76,8 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
             # torch.set_num_threads(1) in a worker also changed the process-wide count that new threads start
             # with; set it back to the caller's (the caller's own OpenMP count never changed)
             torch.set_num_threads(main_threads)
-            if _pool is not None and _pool_key is not None and _pool_key[0] == os.getpid():
-                _pool.shutdown(wait=False)
-            _pool, _pool_key = pool, key
-        return _pool
+            _pools[key] = pool
+        return pool
 
 
 def partition(costs: Sequence[float], n: int) -> list[list[int]]:

@@ -57,8 +57,9 @@ def _masks(idx: torch.Tensor | None, count: torch.Tensor | None, n: int, size: i
 
 def _groups(out_mask: torch.Tensor, in_mask: torch.Tensor | None) -> tuple[list, list[float]]:
     """``(groups, costs)``: one ``(samples, out_set, in_set)`` per group of samples that share both sets (``in_set``
-    None: all channels), and each group's multiply-adds per output position (samples x filters x channels). One
-    ``torch.unique`` over the concatenated masks; the host reads the groups (free on the CPU)."""
+    None: all channels), and each group's relative cost (samples x filters x read channels; channels 1 when every
+    group reads all of them). One ``torch.unique`` over the concatenated masks; the host reads the groups (free on
+    the CPU)."""
     key = out_mask if in_mask is None else torch.cat([out_mask, in_mask], 1)
     uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
     order = torch.argsort(inverse, stable=True)
