@@ -301,3 +301,35 @@ def test_steps_survive_a_state_dict_round_trip_and_drive_rebuilds():
 
 def test_stats_before_any_call_are_nan():
     assert math.isnan(ALSHConv2d(3, 4, 3).stats().active_fraction)
+
+
+@pytest.mark.parametrize("selection", ["batch", "sample"])
+def test_three_channel_nchw_input_runs_channels_last_and_returns_nchw(selection, monkeypatch):
+    """A first layer (3 channels) on the CPU hashes and convolves a channels_last copy of an NCHW input: its output
+    is NCHW again and equals the channels_last input's output, forward and every gradient, per batch and per
+    sample."""
+    layer = ALSHConv2d(3, 10, 5, 2, 2, config=_ALSHConfig(selection=selection, tables=3, bits=4, top_buckets=3),
+                       seed=5)
+    x = torch.randn(4, 3, 17, 15)
+    seen = []
+    hash_histogram = tritonslide.ops.hash_histogram
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return hash_histogram(x, *args, **kwargs)
+
+    monkeypatch.setattr(tritonslide.ops, "hash_histogram", spy)
+    outs = []
+    for inp in (x.clone(), x.contiguous(memory_format=torch.channels_last)):
+        lay = copy.deepcopy(layer)
+        inp.requires_grad_()
+        y = lay(inp)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        outs.append((y, inp.grad, lay.weight.grad, lay.bias.grad))
+    (y, dx, dw, db), (y_cl, dx_cl, dw_cl, db_cl) = outs
+    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous()
+    for a, b in ((y, y_cl), (dx, dx_cl), (dw, dw_cl), (db, db_cl)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert seen == [True, True]  # the NCHW input was hashed as a channels_last copy
+    assert (dw != 0).any(dim=(1, 2, 3)).sum() < 10  # some filters stayed inactive: the sets were exercised
