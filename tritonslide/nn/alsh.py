@@ -412,13 +412,15 @@ class ALSHConv2d(ALSHSelector):
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if (x.dim() == 4 and x.device.type == "cpu" and 0 < x.shape[1] <= 4 and x.shape[0] > 0
+        if (not torch.compiler.is_compiling() and x.dim() == 4 and x.device.type == "cpu" and 0 < x.shape[1] <= 4
+                and x.shape[0] > 0
                 and not x.is_contiguous(memory_format=torch.channels_last)
                 and resolve_backend("active_conv2d", x) == "torch"):
             # a network's first convolution (3 channels) on the CPU: oneDNN's NCHW path is slow for so few channels,
             # so hashing and convolution share one channels_last copy and the output goes back to NCHW. AlexNet at
             # batch 64 (2 threads, best of 10 interleaved rounds): per batch 0.397 -> 0.343 s, per sample 0.582 ->
-            # 0.551 s (the hash already made this copy; the convolution reused none of it)
+            # 0.551 s (the hash already made this copy; the convolution reused none of it). Eager only: a traced
+            # linked layer's channel count may be data (an unbacked size), and Inductor chooses layouts itself
             y = self.forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
             return y.squeeze(0) if unbatched else y
         # Inside a linked nn.Sequential the previous layer hands over only its active channels (Alg. 6).
