@@ -83,18 +83,13 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _take(x: torch.Tensor, samples: torch.Tensor, channels: torch.Tensor | None, compact: bool = False) -> torch.Tensor:
     """x's ``channels`` of the group's samples: a gather, or with ``compact`` the first ``len(channels)`` channels
     (a view for a group of one sample, the usual case per sample)."""
-    if samples.numel() == 1:
-        i = int(samples[0])
-        xs = x[i:i + 1]
-        if channels is None:
-            return xs
-        return xs[:, :channels.numel()] if compact else xs.index_select(1, channels)
-    xs = x.index_select(0, samples)
+    # a slice, not x[i].unsqueeze(0): the unsqueezed view's batch stride (3 instead of C*H*W) sent oneDNN down a slow
+    # path for channels_last x (AlexNet conv1 per sample in a channels_last model: 103 -> 61 ms)
+    xs = x[int(samples[0]):int(samples[0]) + 1] if samples.numel() == 1 else x.index_select(0, samples)
     if channels is not None:
         xs = xs[:, :channels.numel()] if compact else xs.index_select(1, channels)
-    # index_select returns NCHW: a channels_last x keeps its format, or the group's convolution takes oneDNN's NCHW
-    # path (AlexNet conv1 per sample in a channels_last model, 49 groups of which 7 hold several samples: 103 ms
-    # against 58 ms for the same convolutions on channels_last views)
+    # index_select returns NCHW: a channels_last x keeps its format (a no-op for a view that already has it), or the
+    # group's convolution takes oneDNN's NCHW path (the same model's conv1, 7 groups of several samples)
     return xs.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else xs
 
 
