@@ -13,7 +13,9 @@ def loop_reference(hist, filter_codes, top_buckets, min_active):
     chosen = []
     for t in range(n_tables):
         order = sorted(range(n_buckets), key=lambda b: (-int(hist[t, b]), b))  # ties to the lower code
-        chosen.append(set(order[:top_buckets]))
+        # codes no query hit are never taken, unless top_buckets covers every code (then every filter is active)
+        chosen.append(set(order[:top_buckets]) if top_buckets >= n_buckets
+                      else {b for b in order[:top_buckets] if int(hist[t, b]) > 0})
     n_filters = filter_codes.shape[0]
     active = [any(int(filter_codes[o, t]) in chosen[t] for t in range(n_tables)) for o in range(n_filters)]
     missing = min(min_active, n_filters) - sum(active)
@@ -63,3 +65,22 @@ def test_bad_arguments_name_the_op():
         ops.alsh_active_set(hist, codes, 0)
     with pytest.raises(ValueError, match=r"filter_codes must lie in \[0, 8\)"):
         ops.alsh_active_set(hist, codes + 8, 2)
+
+
+def test_codes_no_query_hit_are_never_taken():
+    # sample 0 filled one bucket per table (a blank image: every patch has the same code), sample 1 many; a tie at
+    # zero must not add the lowest empty codes' filters
+    n_tables, n_buckets = 2, 16
+    hist = torch.zeros(2, n_tables, n_buckets, dtype=torch.int64)
+    hist[0, 0, 9] = 169
+    hist[0, 1, 4] = 169
+    hist[1] = torch.arange(1, n_buckets + 1).expand(n_tables, -1)  # every bucket hit; the top 5 are 11-15
+    codes = torch.tensor([[9, 0], [0, 4], [1, 1], [2, 3], [3, 2], [12, 12], [0, 0]])
+    idx, count = ops.alsh_active_set(hist, codes, 5, 1)
+    assert idx[0, : int(count[0])].tolist() == [0, 1]  # filter 0 by table 0's code 9, filter 1 by table 1's code 4
+    assert idx[1, : int(count[1])].tolist() == [5]
+    for n in range(2):
+        assert idx[n, : int(count[n])].tolist() == loop_reference(hist[n], codes, 5, 1)
+    # min_active still fills up, by votes (filters 0 and 1 hold all of sample 0's votes), then the lower index
+    idx, count = ops.alsh_active_set(hist[0], codes, 5, 4)
+    assert idx[: int(count)].tolist() == [0, 1, 2, 3]

@@ -197,9 +197,10 @@ def alsh_active_set(
     """The ALSH active set of one step, chosen on ``hist``'s device with no host synchronization.
 
     ``hist``: (L, 2**K) int64 query histogram (:func:`hash_histogram`); ``filter_codes``: (O, L) int64 codes of
-    the filters. Per table the ``top_buckets`` most frequent codes are taken (ties to the lower code); a filter is
-    active when its code in any table is among them (Feeney 2019, sec. 4.2 and Alg. 4); at least ``min_active``
-    filters are kept (the most voted ones). Returns ``(idx, count)``: an (O,) int64 buffer whose first ``count``
+    the filters. Per table the ``top_buckets`` most frequent codes are taken (ties to the lower code; a code no
+    query hit is never taken unless ``top_buckets`` covers every code); a filter is active when its code in any
+    table is among them (Feeney 2019, sec. 4.2 and Alg. 4); at least ``min_active`` filters are kept (the most
+    voted ones). Returns ``(idx, count)``: an (O,) int64 buffer whose first ``count``
     entries are the active filters in ascending order (the rest: the inactive ones) and a 0-d int64 ``count``,
     both on the device, so that a kernel can consume the set without the host reading its size.
     ``idx[:count]`` (one synchronization on CUDA) is the sorted index tensor the other ops take.

@@ -171,9 +171,9 @@ class ALSHSelector(ConfigState, nn.Module):
         """Sorted int64 indices of the active filters for a (L, 2**K) query histogram.
 
         Per table the ``top_buckets`` most frequent codes are taken (ties go to the lower code, so the choice is
-        deterministic); a filter is active when its code in any table is among them. When fewer than
-        ``min_active`` filters are active, the filters whose buckets collected the most query votes over all
-        tables are added (ties to the lower filter index).
+        deterministic; a code no patch hit is never taken); a filter is active when its code in any table is among
+        them. When fewer than ``min_active`` filters are active, the filters whose buckets collected the most query
+        votes over all tables are added (ties to the lower filter index).
         """
         idx, count = self.select_active_padded(hist)
         return idx[: int(count)]  # the size reaches the host here (one synchronization on CUDA)
