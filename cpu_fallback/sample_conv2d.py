@@ -109,6 +109,17 @@ def _put(y: torch.Tensor, samples: torch.Tensor, channels: torch.Tensor, value: 
         y[samples[:, None], channels[None, :]] = value
 
 
+def _zero_tail(t: torch.Tensor, samples: torch.Tensor, k: int) -> None:
+    """``t[samples, k:] = 0``: a compact tensor's channels past a group's count (the group owns its samples' rows,
+    so no pass over the whole tensor zeroes them first)."""
+    if k >= t.shape[1]:
+        return
+    if samples.numel() == 1:
+        t[int(samples[0]), k:].zero_()
+    else:
+        t[samples, k:] = 0
+
+
 def torch_sample_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -133,7 +144,9 @@ def torch_sample_conv2d(
     wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     width = out_idx.shape[1] if compact_output else o
-    y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+    y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if not compact_output:  # inactive channels lie anywhere: zero them all first; compact rows zero their own tails
+        y.zero_()
     if n == 0:
         return y
     # half precision runs each group's convolution in float32: the CPU kernels' half-precision paths for a batch of
@@ -146,6 +159,10 @@ def torch_sample_conv2d(
 
     def run(part: list) -> None:  # each group writes only its own samples of y
         for samples, out_set, in_set in part:
+            if compact_output:
+                # the rows past the count are zero; so are those below it when nothing is read and there is no bias
+                nothing = out_set.numel() == 0 or (in_set is not None and in_set.numel() == 0 and bias is None)
+                _zero_tail(y, samples, 0 if nothing else out_set.numel())
             if out_set.numel() == 0:
                 continue
             b = None if bias is None else bias.index_select(0, out_set)
@@ -189,7 +206,9 @@ def torch_sample_conv2d_backward(
     # float32 for half-precision inputs, as in the forward; sums over groups then round once at the end
     acc = _accumulation_dtype(x.dtype)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_() if need_x else None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_x else None
+    if need_x and not compact_input:  # as y in the forward: compact rows zero their own tails (in the groups)
+        dx.zero_()
     weight = weight.contiguous()  # once, not per group (as in the forward)
 
     def run(part: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -197,6 +216,12 @@ def torch_sample_conv2d_backward(
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         db = torch.zeros(o, dtype=acc, device=weight.device) if need_b else None
         for samples, out_set, in_set in part:
+            if need_x and compact_input:
+                # a sample's dx channels past its count are zero; those it reads are written below, or zero too
+                # when the group computes no dx term
+                k = in_set.numel() if in_set is not None else 0
+                writes = out_set.numel() > 0 and k > 0
+                _zero_tail(dx, samples, k if writes else 0)
             if out_set.numel() == 0:
                 continue
             g = _take(grad_y, samples, out_set, compact_output)

@@ -99,6 +99,18 @@ def test_forward_and_every_gradient(shape, with_in, channels_last, dtype):
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
+def fresh_buffers_hold_nan(monkeypatch):
+    """From here on ``torch.empty`` returns floating-point tensors full of NaN: uninitialized memory may hold
+    anything, so an op must write every element it returns."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
 def to_compact(t, rows, count):
     """The per-sample compact form, by a loop: channel j of sample n is t[n, rows[n, j]] for j < count[n], else 0."""
     out = torch.zeros(t.shape[0], rows.shape[1], *t.shape[2:], dtype=t.dtype)
@@ -111,10 +123,11 @@ def to_compact(t, rows, count):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("compact", ["in", "out", "in+out"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last):
+def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last, monkeypatch):
     """Per-sample compact input / output (the linked hand-off between per-sample layers) against the loop
-    reference in the same form; what lies past a row's count (NaN here, in x and in dy) is never read. The Triton
-    backend: tests/test_triton_sample_conv2d.py."""
+    reference in the same form; what lies past a row's count (NaN here, in x and in dy) is never read, and what
+    the op returns there is zero although its fresh buffers start as NaN (each group zeroes its own rows' tails).
+    The Triton backend: tests/test_triton_sample_conv2d.py."""
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, 21, channels_last)
     stride, padding, dilation = shape[7:]
     c_in, c_out = compact.startswith("in"), compact.endswith("out")
@@ -125,6 +138,7 @@ def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last)
             xc[n, int(in_count[n]):] = float("nan")
     xg = xc.contiguous(memory_format=fmt).requires_grad_()
     wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    fresh_buffers_hold_nan(monkeypatch)
     with use_backend("torch"):
         y = ops.active_conv2d(xg, wg, bg, out_rows, in_rows, stride, padding, dilation, out_count=out_count,
                               in_count=in_count, compact_input=c_in, compact_output=c_out)
@@ -332,3 +346,26 @@ def test_per_sample_sets_follow_each_samples_content():
     # measured with these seeds: 0.70 within, 0.15 across, 0.29 between the batch set and the closer kind
     assert mean(jac_within) > 0.5 > 0.3 > mean(jac_across)
     assert mean(batch_gap) > 0.15
+
+
+def test_compact_rows_of_a_sample_that_reads_nothing_are_zero_without_bias(monkeypatch):
+    """A sample with active filters but no read channel (and no bias) outputs zeros in its compact rows, and its
+    compact dx is zero, although the op's fresh buffers start as NaN (uninitialized memory may hold anything)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 6, 5, generator=gen)
+    w = torch.randn(5, 4, 3, 3, generator=gen)
+    out_rows, out_count = random_rows(3, 5, gen, torch.tensor([5, 3, 2]))
+    in_rows, in_count = random_rows(3, 4, gen, torch.tensor([4, 0, 2]))
+    xc = to_compact(x, in_rows, in_count).requires_grad_()
+    wg = w.clone().requires_grad_()
+    fresh_buffers_hold_nan(monkeypatch)
+    with use_backend("torch"):
+        y = ops.active_conv2d(xc, wg, None, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count,
+                              compact_input=True, compact_output=True)
+        grad_full = torch.randn(3, 5, 6, 5, generator=gen)
+        dx, dw = torch.autograd.grad(y, (xc, wg), to_compact(grad_full, out_rows, out_count))
+    ref = loop_reference(x, w, None, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1), (1, 1), grad_full)
+    assert torch.equal(y[1], torch.zeros_like(y[1])) and torch.equal(dx[1], torch.zeros_like(dx[1]))
+    torch.testing.assert_close(y, to_compact(ref[0], out_rows, out_count).float())
+    torch.testing.assert_close(dx, to_compact(ref[1], in_rows, in_count).float())
+    torch.testing.assert_close(dw, ref[2].float())
