@@ -21,6 +21,11 @@ filters masked per sample does 2.5x (1 / 0.4) the multiply-adds. The groups run 
 intra-op thread each (``_workers.py``: parts of about equal multiply-adds, a fixed partition; dW and db are summed
 per part, then over the parts in order, so a run repeats bitwise).
 
+Small layers are the exception: where each sample's convolution is so small that the loop's fixed cost per group
+dominates (ResNet-56's 3x3 layers at 32-8 px, the digits CNNs' deeper layers), that one masked convolution of every
+filter is the faster exact computation, 2-4x on ResNet-56's layers. A cost rule (``_masked_pays``, constants
+measured below) picks between the two per call; ``TRITONSLIDE_CPU_SAMPLE_CONV=groups`` / ``masked`` forces one.
+
 Index rows: ``out_idx`` (N, Ko) int64 and ``out_count`` (N,) int64; ``out_count=None`` means every entry of the row.
 ``in_idx`` / ``in_count`` likewise, or ``None`` (every input channel). Entries past a count are never read.
 
@@ -35,6 +40,8 @@ full size, and the zero-filled full-size output alone cost 23 ms.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -47,12 +54,16 @@ def _masks(idx: torch.Tensor | None, count: torch.Tensor | None, n: int, size: i
     """(N, size) bool masks of per-sample sets (entries past a row's count ignored, whatever they hold)."""
     if idx is None:
         return None
-    valid = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-    if count is not None:
-        valid = torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]
     mask = torch.zeros(n, size, dtype=torch.bool, device=idx.device)
     # scatter of the valid flags with "amax": a padding entry (False) never clears an active one
-    return mask.scatter_reduce_(1, idx, valid, reduce="amax")
+    return mask.scatter_reduce_(1, idx, _valid(idx, count), reduce="amax")
+
+
+def _valid(idx: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+    """(N, k) bool: which entries of the index rows are in use (the first ``count[n]`` of row ``n``)."""
+    if count is None:
+        return torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+    return torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]
 
 
 def _groups(out_mask: torch.Tensor, in_mask: torch.Tensor | None) -> tuple[list, list[float]]:
@@ -120,6 +131,83 @@ def _zero_tail(t: torch.Tensor, samples: torch.Tensor, k: int) -> None:
         t[samples, k:] = 0
 
 
+# Which computation a per-sample convolution uses. The group loop computes exactly each sample's filters on its
+# channels, one small convolution per group: its cost is a fixed overhead per group (gathers, dispatch, a batch-1
+# convolution's setup) plus multiply-adds at a batch-1 convolution's rate. The masked form runs ONE convolution of
+# every filter over every sample (inputs zero outside each sample's read channels, outputs kept only in its active
+# filters): the dense multiply-adds at the batched rate. Measured on this team's 2-core CPU (batch 64, best of 7,
+# `TRITONSLIDE_CPU_SAMPLE_CONV` forced each way): ResNet-56's 3x3 layers 16@32 / 32@16 / 64@8 px (2.4 M dense, 0.8-0.9
+# M exact multiply-adds per sample) 6.9 / 5.2 / 4.8 ms in the loop against 2.0 / 1.4 / 1.2 ms masked; the digits
+# CNNs' 7x7-28x28 layers 8.4-13.9 against 5.3-13.0 ms; AlexNet's linked 13x13 layers (100-150 M dense, 15-23 M exact)
+# 23 against 37-51 ms; VGG's 128 -> 256 at 56 px 21 against 102 ms; ResNet-18's 64@56 / 512@7 44 / 47 against 79 /
+# 33 ms. In multiply-adds of the batched convolution, a group's overhead is about _GROUP_OVERHEAD_MACS and a batch-1
+# convolution's multiply-add costs _BATCH1_COST of them; the masked form is taken when its dense multiply-adds
+# stay _MASKED_MARGIN below the loop's estimate (a margin against the rule's error near the boundary, where
+# ResNet-18's two layers sit). Constants fitted to those points: a judgment, overridable by the variable.
+_GROUP_OVERHEAD_MACS = 7.5e6
+_BATCH1_COST = 2.3
+_MASKED_MARGIN = 1.3
+_PATHS = ("auto", "groups", "masked")
+
+
+def _path() -> str:
+    """``TRITONSLIDE_CPU_SAMPLE_CONV``: ``auto`` (default: by the cost rule above), ``groups`` or ``masked``."""
+    path = os.environ.get("TRITONSLIDE_CPU_SAMPLE_CONV", "") or "auto"
+    if path not in _PATHS:
+        raise ValueError(f"TRITONSLIDE_CPU_SAMPLE_CONV must be one of {_PATHS}, got {path!r}")
+    return path
+
+
+def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n_groups: int, taps: int) -> bool:
+    """Whether one masked convolution of every filter (``c`` input channels; ``taps``: kh kw H' W') is cheaper than
+    the loop over ``n_groups`` groups, by the rule above (or as ``TRITONSLIDE_CPU_SAMPLE_CONV`` says)."""
+    path = _path()
+    if c == 0:  # conv2d has no zero-channel form; the loop writes the bias alone
+        return False
+    if path != "auto":
+        return path == "masked"
+    n, o = out_mask.shape
+    reads = in_mask.sum(1) if in_mask is not None else c
+    exact = float((out_mask.sum(1) * reads).sum()) * taps
+    return _MASKED_MARGIN * n * o * c * taps < n_groups * _GROUP_OVERHEAD_MACS + _BATCH1_COST * exact
+
+
+def _scatter_channels(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size, H, W) in ``src``'s format: channel ``idx[n, j]`` = ``src[n, j]`` for valid entries, zero elsewhere
+    (padding entries add zero, so one that repeats an active index changes nothing; NaN past a count is dropped)."""
+    n, k = idx.shape
+    hw = src.shape[2:]
+    src = torch.where(valid[:, :, None, None], src, 0)
+    if is_channels_last(src):  # scatter along the innermost dimension of an NHWC buffer
+        full = src.new_zeros((n, *hw, size))
+        full.scatter_add_(3, idx[:, None, None, :].expand(n, *hw, k), src.permute(0, 2, 3, 1))
+        return full.permute(0, 3, 1, 2)
+    return src.new_zeros((n, size, *hw)).scatter_add_(1, idx[:, :, None, None].expand(n, k, *hw), src)
+
+
+def _gather_channels(full: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The compact (N, k, H, W) rows of a full-size tensor, in its format: channel ``j`` of sample ``n`` is
+    ``full[n, idx[n, j]]``, zero where ``valid`` is False."""
+    n, k = idx.shape
+    hw = full.shape[2:]
+    if is_channels_last(full):
+        taken = full.permute(0, 2, 3, 1).gather(3, idx[:, None, None, :].expand(n, *hw, k)).permute(0, 3, 1, 2)
+    else:
+        taken = full.gather(1, idx[:, :, None, None].expand(n, k, *hw))
+    return torch.where(valid[:, :, None, None], taken, 0)
+
+
+def _masked_input(x: torch.Tensor, in_idx: torch.Tensor | None, in_count: torch.Tensor | None,
+                  in_mask: torch.Tensor | None, c: int, compact_input: bool) -> torch.Tensor:
+    """x at full width, zero outside each sample's read channels (``where``, not a product: what lies outside a
+    sample's set is never read, NaN included)."""
+    if compact_input:
+        return _scatter_channels(x, in_idx, _valid(in_idx, in_count), c)
+    if in_mask is None:
+        return x
+    return torch.where(in_mask[:, :, None, None], x, 0)
+
+
 def torch_sample_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -144,15 +232,24 @@ def torch_sample_conv2d(
     wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     width = out_idx.shape[1] if compact_output else o
-    y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    if not compact_output:  # inactive channels lie anywhere: zero them all first; compact rows zero their own tails
-        y.zero_()
     if n == 0:
-        return y
+        return torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     # half precision runs each group's convolution in float32: the CPU kernels' half-precision paths for a batch of
     # one sample accumulated in low precision (dx off by 9% on a 63-term sum in bfloat16)
     acc = _accumulation_dtype(x.dtype)
-    groups, costs = _groups(_masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c))
+    out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
+    groups, costs = _groups(out_mask, in_mask)
+    if _masked_pays(out_mask, in_mask, c, len(groups), kh * kw * ho * wo):
+        xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input).to(acc)
+        yf = F.conv2d(xf, weight.to(acc), None if bias is None else bias.to(acc), stride, padding, dilation)
+        if compact_output:
+            y = _gather_channels(yf, out_idx, _valid(out_idx, out_count))
+        else:
+            y = torch.where(out_mask[:, :, None, None], yf, 0)
+        return y.to(x.dtype).contiguous(memory_format=fmt)
+    y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if not compact_output:  # inactive channels lie anywhere: zero them all first; compact rows zero their own tails
+        y.zero_()
     # one contiguous copy of a channels_last weight (a model moved to channels_last) here, not one per group inside
     # take_block: AlexNet conv3's 64 per-sample gathers cost 45 ms of copies that way
     weight = weight.contiguous()
@@ -206,6 +303,15 @@ def torch_sample_conv2d_backward(
     # float32 for half-precision inputs, as in the forward; sums over groups then round once at the end
     acc = _accumulation_dtype(x.dtype)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    groups: tuple[list, list[float]] | None = None
+    if n and (need_x or need_w or need_b):
+        out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
+        groups = _groups(out_mask, in_mask)
+        ho, wo = grad_y.shape[2:]
+        if _masked_pays(out_mask, in_mask, c, len(groups[0]), weight.shape[2] * weight.shape[3] * ho * wo):
+            return _masked_backward(grad_y, x, weight, out_idx, out_count, out_mask, in_idx, in_count, in_mask,
+                                    stride, padding, dilation, (need_x, need_w, need_b), compact_input,
+                                    compact_output)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_x else None
     if need_x and not compact_input:  # as y in the forward: compact rows zero their own tails (in the groups)
         dx.zero_()
@@ -244,10 +350,7 @@ def torch_sample_conv2d_backward(
                     _put(dx, samples, in_set, dx_grp.to(x.dtype), compact_input)
         return dw, db
 
-    if n and (need_x or need_w or need_b):
-        parts = map_parts(run, *_groups(_masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)))
-    else:
-        parts = [run([])]
+    parts = map_parts(run, *groups) if groups is not None else [run([])]
     dw, db = parts[0]
     for dw_part, db_part in parts[1:]:
         if need_w:
@@ -255,3 +358,37 @@ def torch_sample_conv2d_backward(
         if need_b:
             db += db_part
     return dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype)
+
+
+def _masked_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out_idx: torch.Tensor,
+    out_count: torch.Tensor | None, out_mask: torch.Tensor, in_idx: torch.Tensor | None,
+    in_count: torch.Tensor | None, in_mask: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int], needs: tuple[bool, bool, bool], compact_input: bool, compact_output: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of the masked form: one ``convolution_backward`` of every filter with dy zero outside each
+    sample's active filters and x zero outside its read channels, so dW and db sum exactly each sample's terms."""
+    need_x, need_w, need_b = needs
+    o, c = weight.shape[:2]
+    acc = _accumulation_dtype(x.dtype)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    if compact_output:
+        g = _scatter_channels(grad_y, out_idx, _valid(out_idx, out_count), o)
+    else:
+        g = torch.where(out_mask[:, :, None, None], grad_y, 0)
+    g = g.to(acc).contiguous(memory_format=fmt)
+    dx = dw = None
+    if need_x or need_w:
+        xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input).to(acc).contiguous(memory_format=fmt)
+        dxf, dw, _ = torch.ops.aten.convolution_backward(
+            g, xf, weight.contiguous().to(acc), None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+            [need_x, need_w, False],
+        )
+        if need_x:
+            if compact_input:
+                dxf = _gather_channels(dxf, in_idx, _valid(in_idx, in_count))
+            elif in_mask is not None:
+                dxf = torch.where(in_mask[:, :, None, None], dxf, 0)
+            dx = dxf.to(x.dtype).contiguous(memory_format=fmt)
+    db = g.sum((0, 2, 3)).to(weight.dtype) if need_b else None
+    return dx, None if dw is None else dw.to(weight.dtype), db

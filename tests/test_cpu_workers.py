@@ -105,6 +105,7 @@ def _case(seed=0):
 
 
 def test_sample_conv_on_workers_equals_one_thread_and_repeats_bitwise(monkeypatch):
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")  # the group loop is what runs on the workers
     x, w, b, out_idx, out_count, in_idx, in_count = _case()
     geom = ((1, 2), (1, 0), (1, 1))
     grad_y = torch.randn(x.shape[0], w.shape[0], 10, 4)

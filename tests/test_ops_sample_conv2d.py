@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from tests.tolerances import assert_close
 from tritonslide import ops, use_backend
-from tritonslide.cpu_fallback import torch_sample_conv2d
+from tritonslide.cpu_fallback import sample_conv2d as sc
+from tritonslide.cpu_fallback import torch_sample_conv2d, torch_sample_conv2d_backward
 
 # (N, C, H, W, O, kh, kw, stride, padding, dilation): not powers of two; 1x1, 3x3, 5x5 s2, 11x11 s4, asymmetric
 SHAPES = [
@@ -22,6 +23,14 @@ SHAPES = [
     (4, 7, 7, 6, 9, 1, 1, (1, 1), (0, 0), (1, 1)),
 ]
 SHAPE_IDS = ["3x3", "11x11s4", "5x5s2", "3x2-s23-d21", "1x1"]
+
+
+@pytest.fixture(params=["groups", "masked"])
+def path(request, monkeypatch):
+    """Both computations of the fallback (the group loop and one masked convolution), whichever the cost rule
+    would choose for these small shapes."""
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", request.param)
+    return request.param
 
 
 def loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, stride, padding, dilation, grad_y):
@@ -80,7 +89,7 @@ def make(shape, dtype, seed, channels_last=False, with_in=True, repeat_padding=F
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("with_in", [False, True], ids=["out", "out+in"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_forward_and_every_gradient(shape, with_in, channels_last, dtype):
+def test_forward_and_every_gradient(shape, with_in, channels_last, dtype, path):
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, dtype, 0, channels_last, with_in)
     stride, padding, dilation = shape[7:]
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
@@ -123,7 +132,7 @@ def to_compact(t, rows, count):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("compact", ["in", "out", "in+out"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last, monkeypatch):
+def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last, monkeypatch, path):
     """Per-sample compact input / output (the linked hand-off between per-sample layers) against the loop
     reference in the same form; what lies past a row's count (NaN here, in x and in dy) is never read, and what
     the op returns there is zero although its fresh buffers start as NaN (each group zeroes its own rows' tails).
@@ -161,7 +170,7 @@ def test_compact_forms_forward_and_every_gradient(shape, compact, channels_last,
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
-def test_bfloat16_forward_and_gradients():
+def test_bfloat16_forward_and_gradients(path):
     shape = SHAPES[0]
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.bfloat16, 3)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
@@ -174,7 +183,7 @@ def test_bfloat16_forward_and_gradients():
         assert_close(got, exp, torch.bfloat16, red)
 
 
-def test_padding_entries_are_ignored_even_when_they_repeat_an_active_index():
+def test_padding_entries_are_ignored_even_when_they_repeat_an_active_index(path):
     shape = SHAPES[0]
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float64, 5, repeat_padding=True)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
@@ -186,7 +195,7 @@ def test_padding_entries_are_ignored_even_when_they_repeat_an_active_index():
         torch.testing.assert_close(got, exp)
 
 
-def test_no_bias_whole_rows_and_a_batch_set_next_to_rows():
+def test_no_bias_whole_rows_and_a_batch_set_next_to_rows(path):
     shape = SHAPES[2]
     x, w, _, out_rows, out_count, _, _ = make(shape, torch.float64, 7, with_in=False)
     stride, padding, dilation = shape[7:]
@@ -205,7 +214,7 @@ def test_no_bias_whole_rows_and_a_batch_set_next_to_rows():
     torch.testing.assert_close(y, ref[0])
 
 
-def test_weight_gradient_touches_only_rows_some_sample_uses():
+def test_weight_gradient_touches_only_rows_some_sample_uses(path):
     shape = SHAPES[0]
     x, w, b, out_rows, out_count, _, _ = make(shape, torch.float64, 11, with_in=False)
     out_count = torch.tensor([2, 3, 1])
@@ -222,7 +231,7 @@ def test_weight_gradient_touches_only_rows_some_sample_uses():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_output_of_a_sample_does_not_depend_on_its_batch(seed):
+def test_output_of_a_sample_does_not_depend_on_its_batch(seed, path):
     shape = SHAPES[0]
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, seed)
     y = ops.active_conv2d(x, w, b, out_rows, in_rows, 1, 1, out_count=out_count, in_count=in_count)
@@ -236,9 +245,10 @@ def test_output_of_a_sample_does_not_depend_on_its_batch(seed):
         torch.testing.assert_close(yn, y[n:n + 1], rtol=1e-5, atol=1e-5)
 
 
-def test_samples_that_share_a_set_are_grouped_without_changing_results():
+def test_samples_that_share_a_set_are_grouped_without_changing_results(monkeypatch):
     """The fallback runs one convolution per group of samples with equal sets; a batch whose samples share sets
     (here 2 distinct sets for 5 samples) equals each sample run alone."""
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")
     shape = (5, 6, 11, 10, 9, 5, 5, (2, 2), (2, 2), (1, 1))
     x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float64, 13)
     pick = torch.tensor([0, 1, 0, 1, 1])
@@ -348,7 +358,7 @@ def test_per_sample_sets_follow_each_samples_content():
     assert mean(batch_gap) > 0.15
 
 
-def test_compact_rows_of_a_sample_that_reads_nothing_are_zero_without_bias(monkeypatch):
+def test_compact_rows_of_a_sample_that_reads_nothing_are_zero_without_bias(monkeypatch, path):
     """A sample with active filters but no read channel (and no bias) outputs zeros in its compact rows, and its
     compact dx is zero, although the op's fresh buffers start as NaN (uninitialized memory may hold anything)."""
     gen = torch.Generator().manual_seed(4)
@@ -369,3 +379,62 @@ def test_compact_rows_of_a_sample_that_reads_nothing_are_zero_without_bias(monke
     torch.testing.assert_close(y, to_compact(ref[0], out_rows, out_count).float())
     torch.testing.assert_close(dx, to_compact(ref[1], in_rows, in_count).float())
     torch.testing.assert_close(dw, ref[2].float())
+
+
+def test_masked_and_group_forms_agree_across_batches(monkeypatch):
+    """A sample computed inside a batch by one masked convolution equals the same sample computed alone by the group
+    loop (the cost rule may choose differently for different batch sizes), forward and gradients."""
+    shape = SHAPES[2]
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, 9)
+    geom = shape[7:]
+    grad_y = torch.randn(x.shape[0], w.shape[0], 6, 5, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for mode in ("masked", "groups"):
+        monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", mode)
+        y = torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count, *geom)
+        grads = torch_sample_conv2d_backward(grad_y, x, w, True, out_rows, out_count, in_rows, in_count, *geom,
+                                             (True, True, True))
+        alone = torch_sample_conv2d(x[1:2], w, b, out_rows[1:2], out_count[1:2], in_rows[1:2], in_count[1:2], *geom)
+        results[mode] = (y, *grads, alone)
+    for a, b_ in zip(results["masked"], results["groups"]):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["masked"][0][1:2], results["groups"][-1], rtol=1e-5, atol=1e-5)
+
+
+def test_cost_rule_takes_the_masked_form_for_small_layers_and_the_loop_for_large(monkeypatch):
+    """The rule's choices at the shapes it was fitted to (batch 64, sets of 40% of the filters and channels, every
+    set distinct): ResNet-56's small 3x3 layers one masked convolution, AlexNet's linked 13x13 layers the loop; and
+    the forced forms and a bad value of the variable."""
+    monkeypatch.delenv("TRITONSLIDE_CPU_SAMPLE_CONV", raising=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def masks(n, size, frac):
+        return torch.rand(n, size, generator=gen) < frac
+
+    # (O, C, taps = kh kw H' W', linked): ResNet-56 16@32, 64@8; AlexNet conv4 (384 -> 256 at 13x13), conv5
+    small = [(16, 16, 9 * 32 * 32, False), (64, 64, 9 * 8 * 8, False)]
+    large = [(256, 384, 9 * 13 * 13, True), (256, 256, 9 * 13 * 13, True)]
+    for (o, c, taps, linked), masked in [(case, True) for case in small] + [(case, False) for case in large]:
+        in_mask = masks(64, c, 0.4) if linked else None
+        assert sc._masked_pays(masks(64, o, 0.4), in_mask, c, 64, taps) is masked, (o, c, taps)
+    # few groups (samples sharing their sets) keep even a small layer in the loop
+    assert not sc._masked_pays(masks(64, 64, 0.4), None, 64, 1, 9 * 8 * 8)
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")
+    assert not sc._masked_pays(masks(64, 16, 0.4), None, 16, 64, 9 * 32 * 32)
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "masked")
+    assert sc._masked_pays(masks(64, 256, 0.4), masks(64, 384, 0.4), 384, 64, 9 * 13 * 13)
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "fast")
+    with pytest.raises(ValueError, match="TRITONSLIDE_CPU_SAMPLE_CONV must be one of"):
+        sc._masked_pays(masks(64, 16, 0.4), None, 16, 64, 9)
+
+
+def test_masked_form_runs_one_convolution(monkeypatch):
+    """Forced masked: the forward is a single ``F.conv2d`` call over the whole batch, not one per group."""
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "masked")
+    shape = SHAPES[0]
+    x, w, b, out_rows, out_count, in_rows, in_count = make(shape, torch.float32, 3)
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(sc.F, "conv2d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count)
+    assert calls == [x.shape]
