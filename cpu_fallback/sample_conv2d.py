@@ -135,18 +135,21 @@ def _zero_tail(t: torch.Tensor, samples: torch.Tensor, k: int) -> None:
 # channels, one small convolution per group: its cost is a fixed overhead per group (gathers, dispatch, a batch-1
 # convolution's setup) plus multiply-adds at a batch-1 convolution's rate. The masked form runs ONE convolution of
 # every filter over every sample (inputs zero outside each sample's read channels, outputs kept only in its active
-# filters): the dense multiply-adds at the batched rate. Measured on this team's 2-core CPU (batch 64, best of 7,
-# `TRITONSLIDE_CPU_SAMPLE_CONV` forced each way): ResNet-56's 3x3 layers 16@32 / 32@16 / 64@8 px (2.4 M dense, 0.8-0.9
-# M exact multiply-adds per sample) 6.9 / 5.2 / 4.8 ms in the loop against 2.0 / 1.4 / 1.2 ms masked; the digits
-# CNNs' 7x7-28x28 layers 8.4-13.9 against 5.3-13.0 ms; AlexNet's linked 13x13 layers (100-150 M dense, 15-23 M exact)
-# 23 against 37-51 ms; VGG's 128 -> 256 at 56 px 21 against 102 ms; ResNet-18's 64@56 / 512@7 44 / 47 against 79 /
-# 33 ms. In multiply-adds of the batched convolution, a group's overhead is about _GROUP_OVERHEAD_MACS and a batch-1
-# convolution's multiply-add costs _BATCH1_COST of them; the masked form is taken when its dense multiply-adds
-# stay _MASKED_MARGIN below the loop's estimate (a margin against the rule's error near the boundary, where
-# ResNet-18's two layers sit). Constants fitted to those points: a judgment, overridable by the variable.
+# filters): the dense multiply-adds at the batched rate, plus passes over the full-width input and output (masking,
+# gathering). Measured on this team's 2-core CPU (batch 64, best of 7, each form forced): ResNet-56's 3x3 layers
+# 16@32 / 32@16 / 64@8 px (2.4 M dense, 0.8-0.9 M exact multiply-adds per sample) 6.9 / 5.2 / 4.8 ms in the loop
+# against 2.0 / 1.4 / 1.2 ms masked; the digits CNNs' 7x7-28x28 layers 8.4-13.9 against 5.3-13.0 ms; AlexNet's linked
+# 13x13 layers (100-150 M dense, 15-23 M exact) 23 against 37-51 ms; VGG's 128 -> 256 at 56 px 21 against 102 ms;
+# ResNet-18's 64@56 / 512@7 44 / 47 against 79 / 33 ms; and VGG-11's first layer (3 -> 64 at 224 px, where the
+# full-width output alone is 0.8 GB at batch 64) made the whole model 1.2x slower masked. In multiply-adds of the
+# batched convolution: a group's overhead is about _GROUP_OVERHEAD_MACS, a batch-1 multiply-add costs _BATCH1_COST,
+# and an element of the full-width input or output _ELEMENT_MACS; the masked form is taken when its estimate times
+# _MASKED_MARGIN stays below the loop's. Constants fitted to those points (ResNet-18's 512@7 sits on the wrong side
+# of the boundary, by 1.4x): a judgment, which ``TRITONSLIDE_CPU_SAMPLE_CONV`` overrides.
 _GROUP_OVERHEAD_MACS = 7.5e6
 _BATCH1_COST = 2.3
-_MASKED_MARGIN = 1.3
+_ELEMENT_MACS = 100.0
+_MASKED_MARGIN = 1.1
 _PATHS = ("auto", "groups", "masked")
 
 
@@ -158,9 +161,11 @@ def _path() -> str:
     return path
 
 
-def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n_groups: int, taps: int) -> bool:
-    """Whether one masked convolution of every filter (``c`` input channels; ``taps``: kh kw H' W') is cheaper than
-    the loop over ``n_groups`` groups, by the rule above (or as ``TRITONSLIDE_CPU_SAMPLE_CONV`` says)."""
+def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n_groups: int, kernel: int,
+                 in_hw: int, out_hw: int) -> bool:
+    """Whether one masked convolution of every filter (``c`` input channels, ``kernel`` = kh kw taps, ``in_hw`` /
+    ``out_hw`` input / output positions) is cheaper than the loop over ``n_groups`` groups, by the rule above (or
+    as ``TRITONSLIDE_CPU_SAMPLE_CONV`` says)."""
     path = _path()
     if c == 0:  # conv2d has no zero-channel form; the loop writes the bias alone
         return False
@@ -168,8 +173,9 @@ def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n
         return path == "masked"
     n, o = out_mask.shape
     reads = in_mask.sum(1) if in_mask is not None else c
-    exact = float((out_mask.sum(1) * reads).sum()) * taps
-    return _MASKED_MARGIN * n * o * c * taps < n_groups * _GROUP_OVERHEAD_MACS + _BATCH1_COST * exact
+    exact = float((out_mask.sum(1) * reads).sum()) * kernel * out_hw
+    masked = n * o * c * kernel * out_hw + _ELEMENT_MACS * n * (c * in_hw + o * out_hw)
+    return _MASKED_MARGIN * masked < n_groups * _GROUP_OVERHEAD_MACS + _BATCH1_COST * exact
 
 
 def _scatter_channels(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
@@ -239,7 +245,7 @@ def torch_sample_conv2d(
     acc = _accumulation_dtype(x.dtype)
     out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
     groups, costs = _groups(out_mask, in_mask)
-    if _masked_pays(out_mask, in_mask, c, len(groups), kh * kw * ho * wo):
+    if _masked_pays(out_mask, in_mask, c, len(groups), kh * kw, x.shape[2] * x.shape[3], ho * wo):
         xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input).to(acc)
         yf = F.conv2d(xf, weight.to(acc), None if bias is None else bias.to(acc), stride, padding, dilation)
         if compact_output:
@@ -308,7 +314,8 @@ def torch_sample_conv2d_backward(
         out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
         groups = _groups(out_mask, in_mask)
         ho, wo = grad_y.shape[2:]
-        if _masked_pays(out_mask, in_mask, c, len(groups[0]), weight.shape[2] * weight.shape[3] * ho * wo):
+        if _masked_pays(out_mask, in_mask, c, len(groups[0]), weight.shape[2] * weight.shape[3],
+                        x.shape[2] * x.shape[3], ho * wo):
             return _masked_backward(grad_y, x, weight, out_idx, out_count, out_mask, in_idx, in_count, in_mask,
                                     stride, padding, dilation, (need_x, need_w, need_b), compact_input,
                                     compact_output)

@@ -402,30 +402,33 @@ def test_masked_and_group_forms_agree_across_batches(monkeypatch):
 
 
 def test_cost_rule_takes_the_masked_form_for_small_layers_and_the_loop_for_large(monkeypatch):
-    """The rule's choices at the shapes it was fitted to (batch 64, sets of 40% of the filters and channels, every
-    set distinct): ResNet-56's small 3x3 layers one masked convolution, AlexNet's linked 13x13 layers the loop; and
-    the forced forms and a bad value of the variable."""
+    """The rule's choices at the shapes and set fractions it was fitted to (batch 64, every set distinct):
+    ResNet-56's 3x3 layers and the digits CNNs' linked 7x7 / 14x14 layers take one masked convolution;
+    AlexNet's linked 13x13 layers, ResNet-18's 64@56 and VGG's 3-channel first layer at 224 px (a 0.8 GB full-width
+    output) the loop; and the forced forms and a bad value of the variable."""
     monkeypatch.delenv("TRITONSLIDE_CPU_SAMPLE_CONV", raising=False)
     gen = torch.Generator().manual_seed(0)
 
     def masks(n, size, frac):
         return torch.rand(n, size, generator=gen) < frac
 
-    # (O, C, taps = kh kw H' W', linked): ResNet-56 16@32, 64@8; AlexNet conv4 (384 -> 256 at 13x13), conv5
-    small = [(16, 16, 9 * 32 * 32, False), (64, 64, 9 * 8 * 8, False)]
-    large = [(256, 384, 9 * 13 * 13, True), (256, 256, 9 * 13 * 13, True)]
-    for (o, c, taps, linked), masked in [(case, True) for case in small] + [(case, False) for case in large]:
-        in_mask = masks(64, c, 0.4) if linked else None
-        assert sc._masked_pays(masks(64, o, 0.4), in_mask, c, 64, taps) is masked, (o, c, taps)
+    # (O, C, kh kw, input H W, output H' W', linked, set fraction)
+    small = [(16, 16, 9, 32 * 32, 32 * 32, False, 0.4), (64, 64, 9, 8 * 8, 8 * 8, False, 0.4),
+             (64, 64, 9, 14 * 14, 14 * 14, True, 0.5), (128, 128, 9, 7 * 7, 7 * 7, True, 0.35)]
+    large = [(256, 384, 9, 13 * 13, 13 * 13, True, 0.4), (256, 256, 9, 13 * 13, 13 * 13, True, 0.4),
+             (64, 64, 9, 56 * 56, 56 * 56, False, 0.4), (64, 3, 9, 224 * 224, 224 * 224, False, 0.6)]
+    for (o, c, k, hw_in, hw_out, linked, frac), masked in [(s, True) for s in small] + [(s, False) for s in large]:
+        in_mask = masks(64, c, frac) if linked else None
+        assert sc._masked_pays(masks(64, o, frac), in_mask, c, 64, k, hw_in, hw_out) is masked, (o, c, hw_in)
     # few groups (samples sharing their sets) keep even a small layer in the loop
-    assert not sc._masked_pays(masks(64, 64, 0.4), None, 64, 1, 9 * 8 * 8)
+    assert not sc._masked_pays(masks(64, 64, 0.4), None, 64, 1, 9, 64, 64)
     monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")
-    assert not sc._masked_pays(masks(64, 16, 0.4), None, 16, 64, 9 * 32 * 32)
+    assert not sc._masked_pays(masks(64, 16, 0.4), None, 16, 64, 9, 1024, 1024)
     monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "masked")
-    assert sc._masked_pays(masks(64, 256, 0.4), masks(64, 384, 0.4), 384, 64, 9 * 13 * 13)
+    assert sc._masked_pays(masks(64, 256, 0.4), masks(64, 384, 0.4), 384, 64, 9, 169, 169)
     monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "fast")
     with pytest.raises(ValueError, match="TRITONSLIDE_CPU_SAMPLE_CONV must be one of"):
-        sc._masked_pays(masks(64, 16, 0.4), None, 16, 64, 9)
+        sc._masked_pays(masks(64, 16, 0.4), None, 16, 64, 9, 1, 1)
 
 
 def test_masked_form_runs_one_convolution(monkeypatch):
