@@ -66,13 +66,20 @@ def _valid(idx: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
     return torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]
 
 
-def _groups(out_mask: torch.Tensor, in_mask: torch.Tensor | None) -> tuple[list, list[float]]:
-    """``(groups, costs)``: one ``(samples, out_set, in_set)`` per group of samples that share both sets (``in_set``
-    None: all channels), and each group's relative cost (samples x filters x read channels; channels 1 when every
-    group reads all of them). One ``torch.unique`` over the concatenated masks; the host reads the groups (free on
-    the CPU)."""
+def _distinct_sets(out_mask: torch.Tensor, in_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uniq, inverse)``: the distinct (output set, input set) mask rows and each sample's row among them (one
+    ``torch.unique`` over the concatenated masks)."""
     key = out_mask if in_mask is None else torch.cat([out_mask, in_mask], 1)
-    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    return torch.unique(key, dim=0, return_inverse=True)
+
+
+def _groups(out_mask: torch.Tensor, in_mask: torch.Tensor | None,
+            distinct: tuple[torch.Tensor, torch.Tensor]) -> tuple[list, list[float]]:
+    """``(groups, costs)``: one ``(samples, out_set, in_set)`` per group of samples that share both sets (``in_set``
+    None: all channels; ``distinct``: :func:`_distinct_sets`), and each group's relative cost (samples x filters x
+    read channels; channels 1 when every group reads all of them). The host reads the groups (free on the CPU; a
+    few Python steps per group, which is why the masked form never builds them)."""
+    uniq, inverse = distinct
     order = torch.argsort(inverse, stable=True)
     sizes = torch.bincount(inverse, minlength=uniq.shape[0])
     o = out_mask.shape[1]
@@ -244,8 +251,8 @@ def torch_sample_conv2d(
     # one sample accumulated in low precision (dx off by 9% on a 63-term sum in bfloat16)
     acc = _accumulation_dtype(x.dtype)
     out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
-    groups, costs = _groups(out_mask, in_mask)
-    if _masked_pays(out_mask, in_mask, c, len(groups), kh * kw, x.shape[2] * x.shape[3], ho * wo):
+    distinct = _distinct_sets(out_mask, in_mask)
+    if _masked_pays(out_mask, in_mask, c, distinct[0].shape[0], kh * kw, x.shape[2] * x.shape[3], ho * wo):
         xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input).to(acc)
         yf = F.conv2d(xf, weight.to(acc), None if bias is None else bias.to(acc), stride, padding, dilation)
         if compact_output:
@@ -253,6 +260,7 @@ def torch_sample_conv2d(
         else:
             y = torch.where(out_mask[:, :, None, None], yf, 0)
         return y.to(x.dtype).contiguous(memory_format=fmt)
+    groups, costs = _groups(out_mask, in_mask, distinct)
     y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     if not compact_output:  # inactive channels lie anywhere: zero them all first; compact rows zero their own tails
         y.zero_()
@@ -312,13 +320,14 @@ def torch_sample_conv2d_backward(
     groups: tuple[list, list[float]] | None = None
     if n and (need_x or need_w or need_b):
         out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
-        groups = _groups(out_mask, in_mask)
+        distinct = _distinct_sets(out_mask, in_mask)
         ho, wo = grad_y.shape[2:]
-        if _masked_pays(out_mask, in_mask, c, len(groups[0]), weight.shape[2] * weight.shape[3],
+        if _masked_pays(out_mask, in_mask, c, distinct[0].shape[0], weight.shape[2] * weight.shape[3],
                         x.shape[2] * x.shape[3], ho * wo):
             return _masked_backward(grad_y, x, weight, out_idx, out_count, out_mask, in_idx, in_count, in_mask,
                                     stride, padding, dilation, (need_x, need_w, need_b), compact_input,
                                     compact_output)
+        groups = _groups(out_mask, in_mask, distinct)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_x else None
     if need_x and not compact_input:  # as y in the forward: compact rows zero their own tails (in the groups)
         dx.zero_()
