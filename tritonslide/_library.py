@@ -38,6 +38,8 @@ from tritonslide.cpu_fallback import (
     torch_sketch_linear_backward,
 )
 from tritonslide.cpu_fallback._format import is_channels_last
+from tritonslide.cpu_fallback.sample_conv2d import _gather_channels
+from tritonslide.cpu_fallback.sample_conv2d import _valid as _rows_valid
 
 NS = "tritonslide"
 _C = torch.contiguous_format  # the layout of weight, factor and bias gradients
@@ -163,13 +165,6 @@ def rows_mask(idx: Tensor, count: Optional[Tensor], size: int, dtype: torch.dtyp
     return torch.zeros(idx.shape[0], size, dtype=dtype, device=idx.device).scatter_add_(1, idx, valid)
 
 
-def _rows_valid(idx: Tensor, count: Optional[Tensor]) -> Tensor:
-    """(N, k) bool: which entries of per-sample rows lie before their row's count."""
-    if count is None:
-        return torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-    return torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]
-
-
 def expand_rows(xc: Tensor, idx: Tensor, count: Optional[Tensor], size: int,
                 memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """A per-sample compact tensor (N, k, H, W) at full size (N, size, H, W): channel ``j`` of sample ``n`` goes to
@@ -202,10 +197,7 @@ def expand_rows(xc: Tensor, idx: Tensor, count: Optional[Tensor], size: int,
 def compact_rows(x: Tensor, idx: Tensor, count: Optional[Tensor]) -> Tensor:
     """The per-sample compact form (N, k, H, W) of a full-size (N, C, H, W) tensor: channel ``j`` of sample ``n``
     is channel ``idx[n, j]``, zero past the row's count."""
-    n, k = idx.shape
-    taken = x.gather(1, idx[:, :, None, None].expand(n, k, *x.shape[2:]))
-    taken = torch.where(_rows_valid(idx, count)[:, :, None, None], taken, 0)
-    return taken.contiguous(memory_format=_fmt(x))
+    return _gather_channels(x, idx, _rows_valid(idx, count)).contiguous(memory_format=_fmt(x))
 
 
 def _as_rows(idx: Optional[Tensor], count: Optional[Tensor], n: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
