@@ -141,3 +141,12 @@ def test_expand_and_compact_rows_equal_a_loop(fmt):
     back = _library.compact_rows(full, idx, count)
     valid = torch.arange(k)[None, :] < count[:, None]
     assert torch.equal(back[valid], xc[valid]) and not back[~valid].any()
+    # the gradient (a linked per-batch consumer expands a per-sample producer's output in training): each valid
+    # entry gets its channel's gradient, entries past a count get zero
+    xg = torch.where(valid[:, :, None, None], xc, 0).requires_grad_()
+    g_full = torch.randn(n, size, *hw, generator=g)
+    (grad,) = torch.autograd.grad(_library.expand_rows(xg, idx, count, size, fmt), xg, g_full)
+    assert torch.equal(grad, _library.compact_rows(g_full, idx, count))
+    # without counts every entry is in use
+    rows = torch.stack([torch.randperm(size, generator=g)[:k] for _ in range(n)])
+    assert torch.equal(_library.compact_rows(_library.expand_rows(xg, rows, None, size, fmt), rows, None), xg)
