@@ -17,9 +17,11 @@ small convolution per sample; measured faster than the batched alternatives. On 
 batch 16 (1 thread, 40% of the filters on 40% of the channels per sample) the group loop took 0.8-1.9x the time of
 one per-batch convolution with the same fractions, where an im2col + batched matmul over chunks of samples with
 gathered weights took 1.6-4.3x (the unfold / gather copies and small-matrix GEMMs), and one convolution of all the
-filters masked per sample does 2.5x (1 / 0.4) the multiply-adds. The groups run on worker threads with one
-intra-op thread each (``_workers.py``: parts of about equal multiply-adds, a fixed partition; dW and db are summed
-per part, then over the parts in order, so a run repeats bitwise).
+filters masked per sample does 2.5x (1 / 0.4) the multiply-adds. A large group's convolution calls oneDNN on its
+block padded to rounded sizes (``_group_conv``: a bounded set of shapes the primitive cache keeps; AlexNet's
+per-sample calls at batch 64 in 172 -> 154 ms on 1 thread, 120 -> 110 ms on 2). The groups run on worker threads
+with one intra-op thread each (``_workers.py``: parts of about equal multiply-adds, a fixed partition; dW and db are
+summed per part, then over the parts in order, so a run repeats bitwise).
 
 Small layers are the exception: where each sample's convolution is so small that the loop's fixed cost per group
 dominates (ResNet-56's 3x3 layers at 32-8 px, the digits CNNs' deeper layers), that one masked convolution of every
@@ -125,6 +127,59 @@ def _put(y: torch.Tensor, samples: torch.Tensor, channels: torch.Tensor, value: 
         y[int(samples[0])].index_copy_(0, channels, value[0])
     else:
         y[samples[:, None], channels[None, :]] = value
+
+
+def _rounded(v: int) -> int:
+    """A block size rounded up for oneDNN: to a multiple of 16 from 40 (AVX-512 holds 16 floats), of 8 from 8,
+    exact below."""
+    q = 16 if v >= 40 else 8 if v >= 8 else 1
+    return -(-v // q) * q
+
+
+# Each group's convolution has its own (filters, channels) shape. A shape oneDNN has not seen costs a new primitive,
+# and ATen sends a batch-1 convolution of a <= 3x3 kernel over at most 20480 input elements (AlexNet conv3's ~80
+# channels at 13x13) to its own im2col path. So a large enough group calls oneDNN itself on its block padded to
+# rounded sizes (zero filters, zero channels): a few shapes per layer that the primitive cache keeps, at the sizes
+# its kernels are fastest on. Per-sample 3x3 convolutions of fresh random shapes (+-30% around the mean), 64 per
+# round, exact multiply-adds per second on 1 thread of this team's CPU, F.conv2d -> padded oneDNN: 13x13 with ~80 /
+# ~120 channels (18 M multiply-adds each) 38 / 32 -> 58 / 55 GMAC/s, 27x27 (15 M) 33 -> 55, 28x28 (23 M) 35 -> 63,
+# 56x56 (141 M) 54 -> 75, 14x14 with 64 channels (7 M) 34 -> 47; but small ones lose to ATen's path, whose fixed
+# cost is lower: 14x14 with 30 channels (3.2 M) 33 -> 29, 28x28 with 20 (5.6 M) 34 -> 34. Hence the threshold.
+_ONEDNN_MIN_MACS = 6e6
+
+
+def _onednn(x: torch.Tensor, macs: float) -> bool:
+    return (macs >= _ONEDNN_MIN_MACS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _group_conv(xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_set: torch.Tensor,
+                in_set: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], out_hw: int) -> torch.Tensor:
+    """``conv2d(xs, W[out_set][:, in_set], b[out_set])`` for one group: ``xs`` holds its read channels in
+    ``in_set``'s order (every channel for None); ``weight`` is :func:`_padded_weight`'s (W with a zero filter and a
+    zero channel appended), ``bias`` the layer's; ``out_hw`` the output's H' x W'. Padded on oneDNN (above) when
+    large enough, else ``F.conv2d`` on the exact block."""
+    o, c = out_set.numel(), xs.shape[1]
+    cols = in_set if in_set is not None else torch.arange(c, device=xs.device)
+    if not _onednn(xs, xs.shape[0] * o * c * weight.shape[2] * weight.shape[3] * out_hw):
+        b = None if bias is None else bias.index_select(0, out_set)
+        return F.conv2d(xs, take_block(weight, out_set, cols), b, stride, padding, dilation)
+    po, pc = _rounded(o), _rounded(c)
+    # padding entries point at the appended zero filter and zero channel: one gather builds the padded block
+    w = take_block(weight, F.pad(out_set, (0, po - o), value=weight.shape[0] - 1),
+                   F.pad(cols, (0, pc - c), value=weight.shape[1] - 1))
+    if pc != c:  # zero channels (F.pad keeps the layout), never a copy of a read one, whose inf or NaN would meet
+        xs = F.pad(xs, (0, 0, 0, 0, 0, pc - c))  # a zero weight
+    b = None if bias is None else F.pad(bias.index_select(0, out_set), (0, po - o))
+    y = torch.mkldnn_convolution(xs, w, b, list(padding), list(stride), list(dilation), 1)
+    return y[:, :o] if po != o else y
+
+
+def _padded_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a contiguous (O + 1, C + 1, kh, kw) tensor with a zero filter and a zero channel appended:
+    what :func:`_group_conv`'s padding entries gather (one copy per call, not one per group)."""
+    return F.pad(weight, (0, 0, 0, 0, 0, 1, 0, 1)).contiguous()
 
 
 def _zero_tail(t: torch.Tensor, samples: torch.Tensor, k: int) -> None:
@@ -264,9 +319,11 @@ def torch_sample_conv2d(
     y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     if not compact_output:  # inactive channels lie anywhere: zero them all first; compact rows zero their own tails
         y.zero_()
-    # one contiguous copy of a channels_last weight (a model moved to channels_last) here, not one per group inside
-    # take_block: AlexNet conv3's 64 per-sample gathers cost 45 ms of copies that way
-    weight = weight.contiguous()
+    # one contiguous copy of the weight (channels_last in a model moved to channels_last), in the accumulation type
+    # and with the zero filter and channel the groups' padded blocks gather, here, not one per group: AlexNet conv3's
+    # 64 per-sample gathers from a channels_last weight cost 45 ms of copies that way
+    weight_p = _padded_weight(weight.to(acc))
+    bias_acc = None if bias is None else bias.to(acc)
 
     def run(part: list) -> None:  # each group writes only its own samples of y
         for samples, out_set, in_set in part:
@@ -276,17 +333,15 @@ def torch_sample_conv2d(
                 _zero_tail(y, samples, 0 if nothing else out_set.numel())
             if out_set.numel() == 0:
                 continue
-            b = None if bias is None else bias.index_select(0, out_set)
             if in_set is not None and in_set.numel() == 0:  # nothing read: only the bias
-                if b is not None:
+                if bias is not None:
+                    b = bias.index_select(0, out_set)
                     _put(y, samples, out_set, b[None, :, None, None].expand(len(samples), -1, ho, wo),
                          compact_output)
                 continue
-            w = take_block(weight, out_set, in_set)
-            xs = _take(x, samples, in_set, compact_input)
-            if xs.dtype != acc:
-                xs, w, b = xs.to(acc), w.to(acc), None if b is None else b.to(acc)
-            _put(y, samples, out_set, F.conv2d(xs, w, b, stride, padding, dilation).to(x.dtype), compact_output)
+            xs = _take(x, samples, in_set, compact_input).to(acc)
+            ys = _group_conv(xs, weight_p, bias_acc, out_set, in_set, stride, padding, dilation, ho * wo)
+            _put(y, samples, out_set, ys.to(x.dtype), compact_output)
 
     map_parts(run, groups, costs)
     return y

@@ -21,15 +21,21 @@ SHAPES = [
     (3, 6, 11, 10, 9, 5, 5, (2, 2), (2, 2), (1, 1)),
     (2, 4, 9, 10, 6, 3, 2, (2, 3), (1, 0), (2, 1)),
     (4, 7, 7, 6, 9, 1, 1, (1, 1), (0, 0), (1, 1)),
+    # sets of 16+ filters / channels: the group loop's oneDNN blocks are padded to rounded sizes there
+    (3, 37, 5, 6, 45, 3, 3, (1, 1), (1, 1), (1, 1)),
 ]
-SHAPE_IDS = ["3x3", "11x11s4", "5x5s2", "3x2-s23-d21", "1x1"]
+SHAPE_IDS = ["3x3", "11x11s4", "5x5s2", "3x2-s23-d21", "1x1", "3x3-wide"]
 
 
-@pytest.fixture(params=["groups", "masked"])
+@pytest.fixture(params=["groups", "groups-onednn", "masked"])
 def path(request, monkeypatch):
-    """Both computations of the fallback (the group loop and one masked convolution), whichever the cost rule
-    would choose for these small shapes."""
-    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", request.param)
+    """Every computation of the fallback (the group loop, with ``F.conv2d`` or with padded oneDNN blocks for every
+    float32 group however small, and one masked convolution), whichever the rules would choose for these shapes."""
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", request.param.split("-")[0])
+    if request.param == "groups-onednn":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch build has no oneDNN")
+        monkeypatch.setattr(sc, "_ONEDNN_MIN_MACS", 0)
     return request.param
 
 
@@ -441,3 +447,56 @@ def test_masked_form_runs_one_convolution(monkeypatch):
     monkeypatch.setattr(sc.F, "conv2d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count)
     assert calls == [x.shape]
+
+
+def test_rounded_sizes_are_multiples_of_16_or_8_and_exact_below_8():
+    assert [sc._rounded(v) for v in (1, 7, 8, 9, 17, 39, 40, 41, 100, 129, 300)] == [
+        1, 7, 8, 16, 24, 40, 48, 48, 112, 144, 304]
+    for v in range(1, 2000):
+        r = sc._rounded(v)
+        assert v <= r < v + (16 if v >= 40 else 8)
+    # a layer's blocks take few distinct shapes: 9 sizes for 72-200 channels
+    assert len({sc._rounded(v) for v in range(72, 201)}) == 9
+
+
+def test_group_convolutions_run_on_onednn_at_rounded_sizes(monkeypatch):
+    """float32 groups call oneDNN on blocks padded to rounded sizes (zero filters, zero channels) and return the
+    same result as the exact block through ``F.conv2d`` (oneDNN disabled); float64 never takes that path."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")
+    monkeypatch.setattr(sc, "_ONEDNN_MIN_MACS", 0)
+    x, w, b, out_rows, out_count, in_rows, in_count = make(SHAPES[5], torch.float32, 5)
+    shapes = []
+    real = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: shapes.append(tuple(a[1].shape[:2])) or real(*a))
+    y = torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1))
+    expected = {(sc._rounded(int(o)), sc._rounded(int(c))) for o, c in zip(out_count, in_count) if o and c}
+    assert set(shapes) == expected and any(o > 16 and o % 2 for o in out_count.tolist())
+    # above the threshold only (the default): these small groups stay on F.conv2d
+    monkeypatch.setattr(sc, "_ONEDNN_MIN_MACS", 6e6)
+    shapes.clear()
+    torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1))
+    assert shapes == []
+    with torch.backends.mkldnn.flags(enabled=False):
+        shapes.clear()
+        exact = torch_sample_conv2d(x, w, b, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1))
+        assert shapes == []
+    assert_close(y, exact, torch.float32, x.shape[1] * 9, "y")
+    torch_sample_conv2d(x.double(), w.double(), b.double(), out_rows, out_count, in_rows, in_count, (1, 1), (1, 1))
+    assert shapes == []
+
+
+def test_padded_channels_are_zeros_not_copies_of_read_ones(monkeypatch):
+    """An inf in a read channel meets only the real weights: the padded block's extra channels are zeros, so no
+    inf * 0 = NaN appears where the exact convolution gives inf."""
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")
+    monkeypatch.setattr(sc, "_ONEDNN_MIN_MACS", 0)
+    x, w, b, out_rows, out_count, in_rows, in_count = make(SHAPES[5], torch.float32, 6, with_in=False)
+    x[:, 0, 2, 2] = float("inf")  # the first channel: what a padding by copies would repeat
+    w = w.abs()  # every output that reads the inf is +inf, none NaN
+    y = torch_sample_conv2d(x, w, None, out_rows, out_count, None, None, (1, 1), (1, 1))
+    with torch.backends.mkldnn.flags(enabled=False):
+        exact = torch_sample_conv2d(x, w, None, out_rows, out_count, None, None, (1, 1), (1, 1))
+    assert torch.isinf(exact).any() and torch.equal(torch.isnan(y), torch.isnan(exact))
+    assert torch.equal(torch.isinf(y), torch.isinf(exact))
