@@ -37,13 +37,16 @@ MILF_SKETCH = SketchConfig(k=16, pairs=1, mode="output", distribution="uniform")
 TRAIN_CONFIGS = {
     "alsh": ALSHConfig(),  # each rank chooses its filters from its own batch
     "alsh_sync": ALSHConfig(sync_active_set=True, selection="batch"),  # sync is about the per-batch set
+    # per-sample training (issue #15): every sample's own set, dW summed over each rank's samples, then all-reduced
+    "alsh_sample": ALSHConfig(selection="sample"),
+    "milf_sample": MILFConfig(sketch=MILF_SKETCH, alsh=ALSHConfig(selection="sample")),
     "sketch": SketchConfig(),
     "milf": MILFConfig(sketch=MILF_SKETCH),
     "lowrank": LowRankConfig(),
     "csg": CSGConfig(),
 }
-LAYERS = {"alsh": ALSHConv2d, "alsh_sync": ALSHConv2d, "sketch": SketchConv2d, "milf": MILFConv2d,
-          "lowrank": LowRankConv2d, "csg": CSGConv2d}
+LAYERS = {"alsh": ALSHConv2d, "alsh_sync": ALSHConv2d, "alsh_sample": ALSHConv2d, "milf_sample": MILFConv2d,
+          "sketch": SketchConv2d, "milf": MILFConv2d, "lowrank": LowRankConv2d, "csg": CSGConv2d}
 SYNC_METHODS = ("alsh", "milf")
 
 

@@ -305,3 +305,15 @@ def test_compiled_per_sample_training_equals_eager(method):
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(runs[1][1], runs[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["alsh", "milf"])
+def test_eval_under_cpu_autocast_is_bf16_and_batch_independent(method):
+    """Per-sample eval (the default) under CPU autocast: bf16 outputs, and still no dependence on batch companions
+    (each sample's convolution accumulates in float32 and rounds once to bf16, alone or in a batch; 0 here, and at
+    most a bf16 rounding step, 2**-8, where a batched float32 convolution rounds its last bit differently)."""
+    model = patched("auto", method).eval()
+    x = torch.randn(9, 3, 13, 11, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+        assert batch_independence(model, x) <= 2 ** -8
