@@ -317,3 +317,18 @@ def test_eval_under_cpu_autocast_is_bf16_and_batch_independent(method):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16
         assert batch_independence(model, x) <= 2 ** -8
+
+
+@pytest.mark.parametrize("method", ["alsh", "milf"])
+def test_export_of_the_default_per_sample_eval(method):
+    """``torch.export`` of a model patched with the defaults, in eval (per-sample sets, linked compact hand-offs in
+    eager): the program gives the eager output on the traced input and on a new batch of another size, and stays
+    batch-independent (the sets are computed inside the program, per sample)."""
+    model = patched("auto", method).eval()
+    x = torch.randn(4, 3, 13, 11, generator=torch.Generator().manual_seed(10))
+    x_new = torch.randn(7, 3, 13, 11, generator=torch.Generator().manual_seed(11)) * 2
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    for inp in (x, x_new):
+        torch.testing.assert_close(program.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
+    assert batch_independence(program.module(), x_new) <= 1e-5

@@ -447,10 +447,11 @@ class ALSHConv2d(ALSHSelector):
             # Per-sample Alg. 6: inside the linked Sequential the output holds each sample's active channels alone,
             # (N, max count, H', W'), so the ReLU / pooling between the layers see that many channels; the
             # consumer reads them as they are (row j of sample n: filter idx[n, j]). The width is the largest
-            # count (one host read; eager only) and the Triton kernels have no compact form, so only on the torch
-            # backend; otherwise a full-size output, zero in each sample's inactive channels.
-            compact_out = (self._emit_compact and self._compact_ok and exact_sets()
-                           and resolve_backend("sample_conv2d", x) == "torch")
+            # count (one host read: eager only, not under torch.compile nor torch.export, whose non-strict tracing
+            # is not "compiling" but cannot read a count either) and the Triton kernels have no compact form, so
+            # only on the torch backend; otherwise a full-size output, zero in each sample's inactive channels.
+            compact_out = (self._emit_compact and self._compact_ok and not torch.compiler.is_compiling()
+                           and not torch.compiler.is_exporting() and resolve_backend("sample_conv2d", x) == "torch")
             if compact_out:
                 idx = idx[:, :int(count.max())]
             if self._publish:
