@@ -149,8 +149,12 @@ _ONEDNN_MIN_MACS = 6e6
 
 
 def _onednn(x: torch.Tensor, macs: float) -> bool:
+    """Whether a group's convolution of ``macs`` multiply-adds calls oneDNN itself: float32 on the CPU, a torch
+    built with oneDNN that has it enabled (``torch.backends.mkldnn.flags``), and the op ``torch.mkldnn_convolution``
+    (undocumented: a torch without it keeps ``F.conv2d``)."""
     return (macs >= _ONEDNN_MIN_MACS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch, "mkldnn_convolution"))
 
 
 def _group_conv(xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_set: torch.Tensor,
