@@ -199,22 +199,27 @@ def _zero_tail(t: torch.Tensor, samples: torch.Tensor, k: int) -> None:
 
 # Which computation a per-sample convolution uses. The group loop computes exactly each sample's filters on its
 # channels, one small convolution per group: its cost is a fixed overhead per group (gathers, dispatch, a batch-1
-# convolution's setup) plus multiply-adds at a batch-1 convolution's rate. The masked form runs ONE convolution of
-# every filter over every sample (inputs zero outside each sample's read channels, outputs kept only in its active
-# filters): the dense multiply-adds at the batched rate, plus passes over the full-width input and output (masking,
-# gathering). Measured on this team's 2-core CPU (batch 64, best of 7, each form forced): ResNet-56's 3x3 layers
-# 16@32 / 32@16 / 64@8 px (2.4 M dense, 0.8-0.9 M exact multiply-adds per sample) 6.9 / 5.2 / 4.8 ms in the loop
-# against 2.0 / 1.4 / 1.2 ms masked; the digits CNNs' 7x7-28x28 layers 8.4-13.9 against 5.3-13.0 ms; AlexNet's linked
-# 13x13 layers (100-150 M dense, 15-23 M exact) 23 against 37-51 ms; VGG's 128 -> 256 at 56 px 21 against 102 ms;
-# ResNet-18's 64@56 / 512@7 44 / 47 against 79 / 33 ms; and VGG-11's first layer (3 -> 64 at 224 px, where the
-# full-width output alone is 0.8 GB at batch 64) made the whole model 1.2x slower masked. In multiply-adds of the
-# batched convolution: a group's overhead is about _GROUP_OVERHEAD_MACS, a batch-1 multiply-add costs _BATCH1_COST,
-# and an element of the full-width input or output _ELEMENT_MACS; the masked form is taken when its estimate times
-# _MASKED_MARGIN stays below the loop's. Constants fitted to those points (ResNet-18's 512@7 sits on the wrong side
-# of the boundary, by 1.4x): a judgment, which ``TRITONSLIDE_CPU_SAMPLE_CONV`` overrides.
-_GROUP_OVERHEAD_MACS = 7.5e6
-_BATCH1_COST = 2.3
-_ELEMENT_MACS = 100.0
+# convolution's setup) plus multiply-adds at a batch-1 convolution's rate, which drops on small maps (few output
+# positions to block over). The masked form runs ONE convolution of every filter over every sample (inputs zero outside
+# each sample's read channels, outputs kept only in its active filters): the dense multiply-adds at the batched rate,
+# plus passes over the full-width input and output (masking, gathering). In multiply-adds of the batched convolution: a
+# group costs _GROUP_OVERHEAD_MACS, an exact multiply-add _BATCH1_COST * (1 + _SMALL_MAP / P) with P a group's output
+# positions (H' W' times its mean size), an element of the full-width input or output _ELEMENT_MACS; the masked form is
+# taken when its estimate times _MASKED_MARGIN stays below the loop's. Least-squares fit (relative errors) to 18 layers
+# measured with each form forced, batch 64 (16 / 32 where named), 2 threads, this team's CPU, 2026-12-03, with the
+# loop's oneDNN blocks (loop / masked ms): ResNet-56's 16@32 / 32@16 / 64@8 px 8.3 / 3.8 / 5.8 against 4.6 / 1.2 / 1.1;
+# the digits CNNs' 32->64@28, linked 64@14 and 128@7: 13.6 / 7.2 / 7.1 against 10.8 / 3.7 / 3.0; AlexNet's linked conv4
+# / conv5 27.1 / 20.4 against 51.5 / 32.5; VGG's linked 128->256@56 (batch 16) and 512@14 (batch 64 / 16) 25.1 / 61.8 /
+# 19.4 against 113.4 / 164.4 / 37.8; ResNet-18's 64@56 / 128@28 / 256@14 / 512@7 (batch 64 / 32) 40.5 / 35.3 / 41.6 /
+# 68.0 / 42.3 against 84.6 / 45.7 / 41.2 / 35.8 / 18.6; 192@10 and linked 256@7 21.4 / 16.9 against 11.0 / 10.1. The
+# rule, on those layers' sets (drawn as in the measurement), picks the faster form on all 18; the previous rule, without
+# the small-map term, kept ResNet-18's 512@7 layers in the loop, 1.9-2.3x slower. VGG-11's 3-channel first layer (a 0.8
+# GB full-width output at batch 64) stays in the loop by the element term. A judgment from those points, which
+# ``TRITONSLIDE_CPU_SAMPLE_CONV`` overrides.
+_GROUP_OVERHEAD_MACS = 15.8e6
+_BATCH1_COST = 1.98
+_SMALL_MAP = 100.0
+_ELEMENT_MACS = 196.0
 _MASKED_MARGIN = 1.1
 _PATHS = ("auto", "groups", "masked")
 
@@ -241,7 +246,10 @@ def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n
     reads = in_mask.sum(1) if in_mask is not None else c
     exact = float((out_mask.sum(1) * reads).sum()) * kernel * out_hw
     masked = n * o * c * kernel * out_hw + _ELEMENT_MACS * n * (c * in_hw + o * out_hw)
-    return _MASKED_MARGIN * masked < n_groups * _GROUP_OVERHEAD_MACS + _BATCH1_COST * exact
+    # a group's convolution blocks over its samples' positions: a group of several samples is no small map
+    positions = max(out_hw * n / max(n_groups, 1), 1)
+    loop = n_groups * _GROUP_OVERHEAD_MACS + _BATCH1_COST * (1 + _SMALL_MAP / positions) * exact
+    return _MASKED_MARGIN * masked < loop
 
 
 def _scatter_channels(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:

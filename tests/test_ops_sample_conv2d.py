@@ -415,9 +415,10 @@ def test_masked_and_group_forms_agree_across_batches(monkeypatch):
 
 def test_cost_rule_takes_the_masked_form_for_small_layers_and_the_loop_for_large(monkeypatch):
     """The rule's choices at the shapes and set fractions it was fitted to (batch 64, every set distinct):
-    ResNet-56's 3x3 layers and the digits CNNs' linked 7x7 / 14x14 layers take one masked convolution;
-    AlexNet's linked 13x13 layers, ResNet-18's 64@56 and VGG's 3-channel first layer at 224 px (a 0.8 GB full-width
-    output) the loop; and the forced forms and a bad value of the variable."""
+    ResNet-56's 3x3 layers, the digits CNNs' linked 7x7 / 14x14 layers, ResNet-18's 512@7 and a 192@10 layer take
+    one masked convolution; AlexNet's linked 13x13 layers, ResNet-18's 64@56 / 128@28, VGG's linked 512@14 and its
+    3-channel first layer at 224 px (a 0.8 GB full-width output) the loop; and the forced forms and a bad value of
+    the variable."""
     monkeypatch.delenv("TRITONSLIDE_CPU_SAMPLE_CONV", raising=False)
     gen = torch.Generator().manual_seed(0)
 
@@ -426,9 +427,11 @@ def test_cost_rule_takes_the_masked_form_for_small_layers_and_the_loop_for_large
 
     # (O, C, kh kw, input H W, output H' W', linked, set fraction)
     small = [(16, 16, 9, 32 * 32, 32 * 32, False, 0.4), (64, 64, 9, 8 * 8, 8 * 8, False, 0.4),
-             (64, 64, 9, 14 * 14, 14 * 14, True, 0.5), (128, 128, 9, 7 * 7, 7 * 7, True, 0.35)]
+             (64, 64, 9, 14 * 14, 14 * 14, True, 0.5), (128, 128, 9, 7 * 7, 7 * 7, True, 0.35),
+             (512, 512, 9, 7 * 7, 7 * 7, False, 0.4), (192, 192, 9, 10 * 10, 10 * 10, False, 0.4)]
     large = [(256, 384, 9, 13 * 13, 13 * 13, True, 0.4), (256, 256, 9, 13 * 13, 13 * 13, True, 0.4),
-             (64, 64, 9, 56 * 56, 56 * 56, False, 0.4), (64, 3, 9, 224 * 224, 224 * 224, False, 0.6)]
+             (64, 64, 9, 56 * 56, 56 * 56, False, 0.4), (128, 128, 9, 28 * 28, 28 * 28, False, 0.4),
+             (512, 512, 9, 14 * 14, 14 * 14, True, 0.4), (64, 3, 9, 224 * 224, 224 * 224, False, 0.6)]
     for (o, c, k, hw_in, hw_out, linked, frac), masked in [(s, True) for s in small] + [(s, False) for s in large]:
         in_mask = masks(64, c, frac) if linked else None
         assert sc._masked_pays(masks(64, o, frac), in_mask, c, 64, k, hw_in, hw_out) is masked, (o, c, hw_in)
