@@ -332,3 +332,26 @@ def test_export_of_the_default_per_sample_eval(method):
     for inp in (x, x_new):
         torch.testing.assert_close(program.module()(inp), model(inp), rtol=1e-5, atol=1e-5)
     assert batch_independence(program.module(), x_new) <= 1e-5
+
+
+def test_per_sample_training_with_batchnorm_is_warned_about():
+    """selection="sample" trains per sample, which is unstable with BatchNorm after the layer: patch and
+    set_selection say so for a model with BatchNorm, and stay quiet without it or with the default ("auto")."""
+    def bn_cnn():
+        return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                             nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+
+    convert_all = {"filter_fn": lambda m, name: True}
+    with pytest.warns(UserWarning, match=r"tritonslide.patch: selection='sample'.*2 BatchNorm layer\(s\) \(1, 4\)"):
+        tritonslide.patch(bn_cnn(), ALSHConfig(selection="sample"), **convert_all)
+    with pytest.warns(UserWarning, match="selection='sample'"):
+        tritonslide.patch(bn_cnn(), MILFConfig(sketch=SketchConfig(k=4), alsh=ALSHConfig(selection="sample")),
+                          **convert_all)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = tritonslide.patch(bn_cnn(), ALSHConfig(), **convert_all)  # "auto"
+        tritonslide.patch(small_cnn(), ALSHConfig(selection="sample"), **convert_all)  # no BatchNorm
+        tritonslide.set_selection(model, "batch")
+    with pytest.warns(UserWarning, match="tritonslide.set_selection: selection='sample'"):
+        tritonslide.set_selection(model, "sample")

@@ -65,7 +65,8 @@ class ALSHConfig(_ConfigBase):
         2.8 points higher on the digits CNNs (no BatchNorm) for 1.8-2.2x the CPU epoch time, but with BatchNorm
         after the layer it is unstable (a channel active in a few samples of the batch gets tiny batch statistics:
         on a fresh MobileNetV2 the largest gradient was 350x-5000x the per-batch one, and SGD reached NaN in 3
-        steps), so training stays per batch by default and ``"sample"`` is the choice for networks without it.
+        steps), so training stays per batch by default and ``"sample"`` is the choice for networks without it
+        (``tritonslide.patch`` and ``set_selection`` warn when ``"sample"`` meets a model with BatchNorm layers).
     """
 
     tables: int = 3
