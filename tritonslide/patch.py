@@ -197,7 +197,7 @@ def patch(
 def _warn_sample_training_with_batchnorm(model: nn.Module, api: str) -> None:
     """A UserWarning when ALSH / MILF layers of ``model`` train per sample (``selection="sample"``) and the model has
     BatchNorm layers: per-sample training is unstable with BatchNorm after the layer (``ALSHConfig.selection``). The
-    graph is not traced, so any BatchNorm counts; the message says so."""
+    graph is not traced, so any BatchNorm of the model counts; the message names the ones it found."""
     if not any(isinstance(m, ALSHSelector) and m.alsh_config.selection == "sample" for m in model.modules()):
         return
     norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
