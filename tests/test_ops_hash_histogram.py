@@ -68,6 +68,44 @@ def test_codes_and_histogram_match_loop(case, use_in_idx):
     assert torch.equal(ops.hash_histogram(x, planes, bits, stride, padding, dilation, in_idx=in_idx), hist)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 5000], ids=["one-sample-chunks", "uneven-chunks"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "sample"])
+def test_the_cpu_hash_in_chunks_of_samples_equals_the_loop(monkeypatch, chunk_bytes, per_sample):
+    """The CPU hash runs large batches in chunks of samples (``hash_chunk``): histograms summed (per batch) or
+    stacked (per sample) and codes stacked must equal the whole batch's, here against the loop; 5000 bytes give
+    chunks of 2 on this 5-sample batch (2280 bytes per sample; the last chunk shorter)."""
+    from tritonslide.cpu_fallback import hash_histogram as cpu_hash
+    monkeypatch.setattr(cpu_hash, "CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 4, 5, 6, generator=gen, dtype=torch.float64)
+    planes = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64)
+    in_idx = torch.tensor([0, 2, 3])
+    assert cpu_hash.hash_chunk(x, 3, planes, (1, 1), (1, 1), (1, 1)) == (1 if chunk_bytes == 1 else 2)
+    hist, codes = ops.hash_histogram(x, planes, 4, 1, 1, in_idx=in_idx, return_codes=True, per_sample=per_sample)
+    ref_hist, ref_codes = loop_reference(x, planes, 4, (1, 1), (1, 1), (1, 1), in_idx)
+    assert torch.equal(codes, ref_codes)
+    if per_sample:
+        ref_hist = torch.stack([loop_reference(x[i:i + 1], planes, 4, (1, 1), (1, 1), (1, 1), in_idx)[0]
+                                for i in range(5)])
+    assert torch.equal(hist, ref_hist)
+
+
+def test_hash_chunks_keep_a_chunk_within_its_byte_budget():
+    """VGG's first layer at batch 64 (3 channels at 224 px, 15 planes padded to 16): 3.8 MB of float32 input and
+    projections per sample, so one sample per 6 MB chunk; AlexNet's conv4 input (384 channels at 13 px): 23 samples
+    per chunk; a batch that fits: one chunk."""
+    from tritonslide.cpu_fallback.hash_histogram import CHUNK_BYTES, hash_chunk
+    planes3, planes384 = torch.empty(15, 3, 3, 3), torch.empty(15, 384, 3, 3)
+    vgg = hash_chunk(torch.empty(64, 3, 224, 224), 3, planes3, (1, 1), (1, 1), (1, 1))
+    assert vgg == CHUNK_BYTES // (4 * (3 + 16) * 224 * 224) == 1
+    assert hash_chunk(torch.empty(64, 384, 13, 13), 384, planes384, (1, 1), (1, 1), (1, 1)) == 23
+    assert hash_chunk(torch.empty(16, 384, 13, 13), 384, planes384, (1, 1), (1, 1), (1, 1)) == 16
+    # the projections' size follows the stride (AlexNet's conv1: 11x11, stride 4, 55 px out)
+    conv1 = hash_chunk(torch.empty(64, 3, 224, 224), 3, torch.empty(15, 3, 11, 11), (4, 4), (2, 2), (1, 1))
+    assert conv1 == CHUNK_BYTES // (4 * (3 * 224 * 224 + 16 * 55 * 55))
+    assert hash_chunk(torch.empty(0, 3, 8, 8), 3, planes3, (1, 1), (1, 1), (1, 1)) == 1
+
+
 def test_in_idx_equals_zeroing_the_other_channels():
     x = torch.randn(2, 8, 9, 9)
     planes = torch.randn(10, 8, 3, 3)
