@@ -219,6 +219,28 @@ def test_linked_per_sample_layers_hand_over_each_samples_channels_alone(train):
     assert counts[1][1] < 10 and model[3].last_active_counts[1] == 10
 
 
+def test_compact_inputs_hash_in_chunks_of_samples_as_a_whole(monkeypatch):
+    """A per-sample layer hashes a compact input chunk by chunk of samples (each chunk expanded to full width, the
+    CPU hash's chunk size): one-sample chunks give the same sets and outputs as the whole batch at once."""
+    from tritonslide.cpu_fallback import hash_histogram as cpu_hash
+    x = torch.randn(7, 3, 12, 11, generator=torch.Generator().manual_seed(6))
+    model = patched("sample").eval()
+    expanded = []
+    monkeypatch.setattr(tritonslide._library, "expand_rows",
+                        (lambda f: lambda xc, *a, **k: expanded.append(xc.shape[0]) or f(xc, *a, **k))(
+                            tritonslide._library.expand_rows))
+    with torch.no_grad():
+        whole = model(x)
+        sets = [m.last_active_counts for m in model.modules() if isinstance(m, ALSHConv2d)]
+        assert expanded and set(expanded) == {7}, expanded
+        expanded.clear()
+        monkeypatch.setattr(cpu_hash, "CHUNK_BYTES", 1)
+        chunked = model(x)
+    assert expanded and set(expanded) == {1} and len(expanded) % 7 == 0, expanded
+    assert [m.last_active_counts for m in model.modules() if isinstance(m, ALSHConv2d)] == sets
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_stats_record_the_mean_per_sample_fraction():
     layer = ALSHConv2d(4, 10, 3, padding=1, config=ALSHConfig(selection="sample", bits=3, top_buckets=1)).eval()
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -27,6 +27,7 @@ from tritonslide import _library, ops
 from tritonslide._backend import resolve_backend
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import ALSHConfig
+from tritonslide.cpu_fallback.hash_histogram import hash_chunk
 from tritonslide.nn._common import (
     ConfigState,
     check_conv_input,
@@ -240,10 +241,13 @@ class ALSHSelector(ConfigState, nn.Module):
             self._count_step()
         if self.per_sample():
             with torch.no_grad():
-                if compact_input:  # a per-batch producer handed over its compact output: the same set per sample
-                    x, in_count = _expand_channels(x, in_idx, self.in_channels), None
-                hist = ops.hash_histogram(x, self.planes, cfg.bits, self.stride, self.padding, self.dilation,
-                                          in_idx=in_idx, in_count=in_count, per_sample=True)
+                if compact_input and in_idx.dim() == 2:  # a per-sample producer's compact output (its rows)
+                    hist = self._hash_compact_rows(x, in_idx, in_count)
+                else:
+                    if compact_input:  # a per-batch producer's compact output: the same set per sample
+                        x, in_count = _expand_channels(x, in_idx, self.in_channels), None
+                    hist = ops.hash_histogram(x, self.planes, cfg.bits, self.stride, self.padding, self.dilation,
+                                              in_idx=in_idx, in_count=in_count, per_sample=True)
                 idx, count = ops.alsh_active_set(hist, self.filter_codes, cfg.top_buckets, cfg.min_active)
                 self.stat_calls += 1
                 self.stat_active += count.to(torch.float64).mean() / self.out_channels
@@ -265,6 +269,28 @@ class ALSHSelector(ConfigState, nn.Module):
         if padded:
             return idx, count
         return ops.active_indices(idx, count), count
+
+    def _hash_compact_rows(self, x: torch.Tensor, in_idx: torch.Tensor, in_count: torch.Tensor | None) -> torch.Tensor:
+        """(N, L, 2**K) histograms of a per-sample compact input (channel ``j`` of sample ``n`` is input channel
+        ``in_idx[n, j]``): hashing reads the full-size input, zero outside each sample's channels (no mask needed),
+        built chunk by chunk of samples as the CPU hash chunks (:func:`~tritonslide.cpu_fallback.hash_histogram.
+        hash_chunk`), so that the full-width input of the whole batch never exists at once, and channels_last for
+        the CPU hash, whose 16 padded projections run 1.4-2.2x faster so. On VGG-11's per-sample inputs at batch 64
+        (e.g. (64, 22 -> 64, 112, 112) and (64, 121 -> 256, 56, 56)) expanding and hashing the whole batch took 220
+        and 163 ms against 95 and 73 ms in chunks (2 threads of this team's CPU, best of 3)."""
+        cfg = self.alsh_config
+        on_cpu = resolve_backend("hash_histogram", x) == "torch"
+        fmt = torch.channels_last if on_cpu else None
+        n = x.shape[0]
+        chunk = hash_chunk(x, self.in_channels, self.planes, self.stride, self.padding, self.dilation) if on_cpu else n
+        hists = []
+        for i in range(0, n, chunk):
+            rows = slice(i, i + chunk)
+            full = _library.expand_rows(x[rows], in_idx[rows], None if in_count is None else in_count[rows],
+                                        self.in_channels, fmt)
+            hists.append(ops.hash_histogram(full, self.planes, cfg.bits, self.stride, self.padding, self.dilation,
+                                            per_sample=True))
+        return hists[0] if len(hists) == 1 else torch.cat(hists)
 
     def sync_empty_batch(self) -> None:
         """With ``sync_active_set``, a rank whose batch is empty still joins the histogram all-reduce (with zeros):
@@ -412,17 +438,6 @@ class ALSHConv2d(ALSHSelector):
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if (not torch.compiler.is_compiling() and x.dim() == 4 and x.device.type == "cpu" and 0 < x.shape[1] <= 4
-                and x.shape[0] > 0
-                and not x.is_contiguous(memory_format=torch.channels_last)
-                and resolve_backend("active_conv2d", x) == "torch"):
-            # a network's first convolution (3 channels) on the CPU: oneDNN's NCHW path is slow for so few channels,
-            # so hashing and convolution share one channels_last copy and the output goes back to NCHW. AlexNet at
-            # batch 64 (2 threads, best of 10 interleaved rounds): per batch 0.397 -> 0.343 s, per sample 0.582 ->
-            # 0.551 s (the hash already made this copy; the convolution reused none of it). Eager only: a traced
-            # linked layer's channel count may be data (an unbacked size), and Inductor chooses layouts itself
-            y = self.forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-            return y.squeeze(0) if unbatched else y
         # Inside a linked nn.Sequential the previous layer hands over only its active channels (Alg. 6).
         in_idx, in_count, read, compact_in = self._shared_input()
         check_conv_input(self, x, channels=in_idx.shape[-1] if compact_in else None)
@@ -437,13 +452,7 @@ class ALSHConv2d(ALSHSelector):
             # each sample's own set: (N, O) rows and (N,) counts, on the device
             if compact_in and in_idx.dim() == 1:  # a per-batch producer's compact output: the same set per sample
                 x, in_count, compact_in = _expand_channels(x, in_idx, self.in_channels), None, False
-            if compact_in:  # hashing reads the full-size input (zero outside each sample's set: no mask needed)
-                # built channels_last for the CPU hash, whose 16 padded projections run 1.4-2.2x faster so
-                fmt = torch.channels_last if resolve_backend("hash_histogram", x) == "torch" else None
-                full = _library.expand_rows(x, in_idx, in_count, self.in_channels, fmt)
-                idx, count = self.active_filters(full, None)
-            else:
-                idx, count = self.active_filters(x, in_idx, in_count)
+            idx, count = self.active_filters(x, in_idx, in_count, compact_in)
             # Per-sample Alg. 6: inside the linked Sequential the output holds each sample's active channels alone,
             # (N, max count, H', W'), so the ReLU / pooling between the layers see that many channels; the
             # consumer reads them as they are (row j of sample n: filter idx[n, j]). The width is the largest
