@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._format import zeros_like_format
+from ._format import out_hw, zeros_like_format
 from ._gather import take_block
 
 
@@ -27,13 +27,6 @@ def _gather(x, weight, bias, out_idx, in_idx, compact_input=False):
     w = take_block(weight, out_idx, in_idx)
     b = None if bias is None else (bias if out_idx is None else bias.index_select(0, out_idx))
     return xs, w, b
-
-
-def _out_hw(x, weight, stride, padding, dilation):
-    kh, kw = weight.shape[-2:]
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return h, w
 
 
 def torch_active_conv2d(
@@ -50,7 +43,7 @@ def torch_active_conv2d(
 ) -> torch.Tensor:
     """``conv2d(x * m_in, weight, bias) * m_out`` computed on the active rows and channels only."""
     n, o = x.shape[0], weight.shape[0]
-    ho, wo = _out_hw(x, weight, stride, padding, dilation)
+    ho, wo = out_hw(x, weight, stride, padding, dilation)
     xs, w, b = _gather(x, weight, bias, out_idx, in_idx, compact_input)
     if compact_output:
         o = w.shape[0]

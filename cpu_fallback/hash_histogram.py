@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._format import is_channels_last
+from ._format import is_channels_last, out_hw
 
 # bytes of one chunk's float32 input and projections in the CPU hash (:func:`hash_chunk`)
 CHUNK_BYTES = 6 << 20
@@ -67,18 +67,9 @@ def hash_chunk(
     With the allocator told to keep its memory (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, see the
     README) the whole batch and the chunks take about the same time.
     """
-    ho, wo = _out_hw(x, planes, stride, padding, dilation)
+    ho, wo = out_hw(x, planes, stride, padding, dilation)
     per_image = 4 * (channels * x.shape[2] * x.shape[3] + max(16, planes.shape[0]) * ho * wo)
     return max(1, min(x.shape[0], CHUNK_BYTES // max(1, per_image)))
-
-
-def _out_hw(
-    x: torch.Tensor, planes: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> tuple[int, int]:
-    kh, kw = planes.shape[2:]
-    return ((x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
-            (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
 
 
 def _hash_chunk(
@@ -98,7 +89,7 @@ def _hash_chunk(
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     if x.shape[1] == 0:  # nothing read: every projection is 0 (conv2d has no zero-channel form)
-        proj = x.new_zeros(x.shape[0], planes.shape[0], *_out_hw(x, planes, stride, padding, dilation))
+        proj = x.new_zeros(x.shape[0], planes.shape[0], *out_hw(x, planes, stride, padding, dilation))
     else:
         w = planes.to(x.dtype)
         if x.device.type == "cpu":

@@ -47,7 +47,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._format import is_channels_last
+from ._format import is_channels_last, out_hw
 from ._gather import add_block, take_block
 from ._workers import map_parts
 
@@ -308,8 +308,7 @@ def torch_sample_conv2d(
     n = x.shape[0]
     c = weight.shape[1]
     o, _, kh, kw = weight.shape
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = out_hw(x, weight, stride, padding, dilation)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     width = out_idx.shape[1] if compact_output else o
     if n == 0:
