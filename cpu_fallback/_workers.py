@@ -12,6 +12,15 @@ Each worker runs its convolutions on ONE intra-op thread (OpenMP's thread count 
 use ``n`` cores and a 16-core machine runs 16 workers, not 16 teams of 16 threads. ``n`` is the calling thread's
 ``torch.get_num_threads()``; ``TRITONSLIDE_CPU_WORKERS=1`` turns the threads off (``=k`` caps them at ``k``).
 
+Only where autograd will differentiate the call: the op layer passes ``will_backward`` and an inference forward
+(``torch.no_grad`` / ``inference_mode``) runs its groups on the calling thread with that thread's intra-op threads.
+Measured 2026-12-03 on the faster 2-core AMD EPYC (batch 64, 224 px, old / new interleaved in one process, best of
+the rounds, outputs bitwise equal): per-sample eval AlexNet 0.258 -> 0.237 s and 0.216 -> 0.195 s (seeds 0 / 1),
+ResNet-18 1.27 -> 1.19 s, VGG-11 equal within 2% (1.71 / 1.73 s, 2.31 / 2.33 s); a training step (forward and
+backward) on AlexNet was 1.15-1.24x slower with every call on the calling thread and 1.08-1.12x slower with only
+the forward there, so training keeps the workers in both. The likely cause: the calling thread's OpenMP team, busy
+just before (hashing, pooling), spins while the workers run (the README's *CPU tips*, ``OMP_WAIT_POLICY``).
+
 Pieces are split in a fixed way (largest first onto the least loaded worker, by a cost the caller gives), so a
 run's partition, and any sum the caller makes over the parts in part order, is the same every time.
 """

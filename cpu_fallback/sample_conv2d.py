@@ -301,10 +301,14 @@ def torch_sample_conv2d(
     dilation: tuple[int, int] = (1, 1),
     compact_input: bool = False,
     compact_output: bool = False,
+    workers: bool = True,
 ) -> torch.Tensor:
     """``y[n] = conv2d(x[n] * m_in[n], W, b) * m_out[n]``, computing only each sample's active filters on its read
     channels. Full-size (N, O, H', W') output in x's memory format, zero outside each sample's set; the compact
-    forms of the module docstring with ``compact_input`` / ``compact_output``."""
+    forms of the module docstring with ``compact_input`` / ``compact_output``. ``workers``: the group loop may run
+    on the worker threads (``_workers.map_parts``); False runs it on the calling thread with its intra-op threads,
+    which the op layer asks for in a forward that autograd will not differentiate (``_workers.py`` has the
+    measurements)."""
     n = x.shape[0]
     c = weight.shape[1]
     o, _, kh, kw = weight.shape
@@ -354,7 +358,10 @@ def torch_sample_conv2d(
             ys = _group_conv(xs, weight_p, bias_acc, out_set, in_set, stride, padding, dilation, ho * wo)
             _put(y, samples, out_set, ys.to(x.dtype), compact_output)
 
-    map_parts(run, groups, costs)
+    if workers:
+        map_parts(run, groups, costs)
+    else:
+        run(groups)
     return y
 
 

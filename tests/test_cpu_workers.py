@@ -122,3 +122,39 @@ def test_sample_conv_on_workers_equals_one_thread_and_repeats_bitwise(monkeypatc
     monkeypatch.setenv("TRITONSLIDE_CPU_WORKERS", "1")
     for a, b_ in zip(threaded, run()):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_an_inference_forward_runs_the_groups_on_the_caller_and_a_training_forward_on_the_workers(monkeypatch):
+    """The op layer passes ``will_backward``: without autograd the group loop runs on the calling thread (its
+    intra-op threads; faster for eval on the measured CPU, see _workers.py), in a training forward on the workers;
+    the two give the same output up to rounding, and the training forward's gradients are those of the loop."""
+    from tritonslide import ops
+    from tritonslide.cpu_fallback import sample_conv2d as sc
+
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "groups")
+    calls = []
+    real = sc.map_parts
+    monkeypatch.setattr(sc, "map_parts", lambda *a: calls.append(a) or real(*a))
+    x, w, b, out_idx, out_count, in_idx, in_count = _case(1)
+    geom = ((1, 2), (1, 0), (1, 1))
+
+    def forward(x_, w_, b_):
+        return ops.active_conv2d(x_, w_, b_, out_idx, in_idx, *geom, out_count=out_count, in_count=in_count)
+
+    with torch.no_grad():
+        eval_y = forward(x, w, b)
+    with torch.inference_mode():
+        inference_y = forward(x, w, b)
+    assert calls == []
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    train_y = forward(xg, wg, bg)
+    assert len(calls) == 1  # the forward; the backward below runs on the workers as before
+    assert torch.equal(inference_y, eval_y)
+    # one or two intra-op threads per group may block a convolution differently: equal up to rounding
+    torch.testing.assert_close(train_y.detach(), eval_y, rtol=1e-5, atol=1e-5)
+    grad_y = torch.randn_like(train_y)
+    train_y.backward(grad_y)
+    expected = torch_sample_conv2d_backward(grad_y, x, w, True, out_idx, out_count, in_idx, in_count, *geom,
+                                            (True, True, True))
+    for got, want in zip((xg.grad, wg.grad, bg.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -469,10 +469,13 @@ def sample_conv2d_impl(
     compact_input: bool,
     compact_output: bool,
     backend: str,
+    will_backward: bool,
 ) -> Tensor:
     """``active_conv2d`` with per-sample sets (issue #15): ``torch_sample_conv2d`` or the Triton launcher, which
     computes each sample's active rows on all channels of ``x`` masked to the sample's read channels (the compact
-    forms are expanded to full size and back around it; the kernels have no compact form yet)."""
+    forms are expanded to full size and back around it; the kernels have no compact form yet). ``will_backward``
+    (a training forward) lets the CPU fallback run its groups on worker threads; an inference forward runs them on
+    the calling thread (``torch_sample_conv2d``'s ``workers``)."""
     name = "tritonslide.ops.active_conv2d"
     out_idx, out_count, in_idx, in_count = _sample_args(name, x, weight, out_idx, out_count, in_idx, in_count)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
@@ -488,7 +491,7 @@ def sample_conv2d_impl(
                 y = compact_rows(y, out_idx, out_count)
         else:
             y = torch_sample_conv2d(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation,
-                                    compact_input, compact_output)
+                                    compact_input, compact_output, workers=will_backward)
     return _like(y, _fmt(x))
 
 
@@ -497,7 +500,7 @@ sample_conv2d = torch.library.custom_op(f"{NS}::sample_conv2d", mutates_args=())
 
 @sample_conv2d.register_fake
 def _(x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, compact_input,
-      compact_output, backend):
+      compact_output, backend, will_backward):
     ho, wo = _conv_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
     o = out_idx.shape[-1] if compact_output and out_idx is not None else weight.shape[0]
     return torch.empty((x.shape[0], o, ho, wo), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
@@ -571,7 +574,7 @@ def _(grad_y, x, weight, out_idx, out_count, in_idx, in_count, stride, padding, 
 
 
 def _sample_setup(ctx, inputs, output):
-    x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, c_in, c_out, backend = inputs
+    x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation, c_in, c_out, backend, _ = inputs
     ctx.save_for_backward(x, weight, out_idx, out_count, in_idx, in_count)
     ctx.conf = (bias is not None, tuple(stride), tuple(padding), tuple(dilation), c_in, c_out, backend)
 
@@ -586,7 +589,7 @@ def _sample_backward(ctx, grad_y):
         needs, backend,
     )
     return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 sample_conv2d.register_autograd(_sample_backward, setup_context=_sample_setup)

@@ -314,7 +314,8 @@ def active_conv2d(
                              f"dilated kernel extent {dilation[i] * (extent - 1) + 1}")
     if per_sample:
         args = (x, weight, bias, out_idx, out_count, in_idx, in_count, stride, padding, dilation,
-                bool(compact_input), bool(compact_output), _backend_arg("sample_conv2d", x))
+                bool(compact_input), bool(compact_output), _backend_arg("sample_conv2d", x),
+                _needs_grad(x, weight, bias))
         if _library.eager(x, weight, bias, out_idx, in_idx, out_count, in_count):
             return _library.SampleConv2dFunction.apply(*args)
         return _library.sample_conv2d(*args)
