@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ._format import is_channels_last, out_hw
 from ._gather import add_block, take_block
+from ._rows import rows_valid as _valid
 from ._workers import map_parts
 
 
@@ -59,13 +60,6 @@ def _masks(idx: torch.Tensor | None, count: torch.Tensor | None, n: int, size: i
     mask = torch.zeros(n, size, dtype=torch.bool, device=idx.device)
     # scatter of the valid flags with "amax": a padding entry (False) never clears an active one
     return mask.scatter_reduce_(1, idx, _valid(idx, count), reduce="amax")
-
-
-def _valid(idx: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
-    """(N, k) bool: which entries of the index rows are in use (the first ``count[n]`` of row ``n``)."""
-    if count is None:
-        return torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-    return torch.arange(idx.shape[1], device=idx.device)[None, :] < count[:, None]
 
 
 def _distinct_sets(out_mask: torch.Tensor, in_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,3 +204,123 @@ def test_unfused_benchmark_baseline_equals_the_fallback():
     x = torch.randn(2, 5, 11, 9)
     planes = torch.randn(15, 5, 3, 3)
     assert torch.equal(unfused(x, planes, 5, (2, 2), (1, 1), (1, 1)), ops.hash_histogram(x, planes, 5, 2, 1))
+
+
+def compact_case(n, c, k, h, w, seed, dtype=torch.float64, second_count=0):
+    """Per-sample compact input: rows of k sorted channels of c (padding entries repeat the last active one), counts
+    from 0 to k (the first k, the second ``second_count``), NaN past each count (never read), and the same input
+    at full size with zeros elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(c, generator=gen)[:k].sort().values for _ in range(n)])
+    count = torch.randint(0, k + 1, (n,), generator=gen)
+    count[0] = k
+    if n > 1:
+        count[1] = second_count
+    past = torch.arange(k)[None, :] >= count[:, None]
+    idx = torch.where(past, idx.gather(1, (count[:, None] - 1).clamp(min=0)), idx)
+    xc = torch.randn(n, k, h, w, generator=gen, dtype=dtype)
+    full = torch.zeros(n, c, h, w, dtype=dtype)
+    for i in range(n):
+        full[i, idx[i, :count[i]]] = xc[i, :count[i]]
+    xc[past] = float("nan")
+    return xc, idx, count, full
+
+
+# (N, C, k, H, W, L, bits, kh, kw, stride, padding, dilation): by taps (stride 1, <= 9 taps) and by expanding
+COMPACT_CASES = [
+    (3, 11, 7, 9, 7, 3, 4, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (2, 9, 5, 8, 9, 2, 3, 3, 2, (1, 1), (1, 0), (2, 1)),
+    (3, 7, 6, 5, 6, 3, 3, 1, 1, (1, 1), (0, 0), (1, 1)),
+    (2, 8, 5, 7, 6, 2, 4, 3, 3, (1, 1), (0, 2), (1, 1)),
+    (2, 10, 6, 9, 7, 2, 3, 5, 5, (1, 1), (2, 2), (1, 1)),
+    (3, 9, 4, 11, 9, 2, 4, 3, 3, (2, 2), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", COMPACT_CASES, ids=lambda c: "x".join(map(str, c[:9])))
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "one-sample-chunks"])
+def test_compact_rows_hash_as_each_samples_full_size_input(monkeypatch, case, chunk_bytes):
+    """``compact_input``: x holds each sample's own channels (in_idx rows, NaN past a count, rows of count 0 and k);
+    codes and per-sample histograms equal the loop over each sample's full-size input, zero outside its channels,
+    whole or in one-sample chunks; summed without ``per_sample``."""
+    from tritonslide.cpu_fallback import hash_histogram as cpu_hash
+    if chunk_bytes is not None:
+        monkeypatch.setattr(cpu_hash, "CHUNK_BYTES", chunk_bytes)
+    n, c, k, h, w, n_tables, bits, kh, kw, stride, padding, dilation = case
+    xc, idx, count, full = compact_case(n, c, k, h, w, seed=sum(case[:5]))
+    planes = torch.randn(n_tables * bits, c, kh, kw, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    hist, codes = ops.hash_histogram(xc, planes, bits, stride, padding, dilation, in_idx=idx, in_count=count,
+                                     return_codes=True, per_sample=True, compact_input=True)
+    refs = [loop_reference(full[i:i + 1], planes, bits, stride, padding, dilation) for i in range(n)]
+    assert torch.equal(codes, torch.cat([r[1] for r in refs]))
+    assert torch.equal(hist, torch.stack([r[0] for r in refs]))
+    summed = ops.hash_histogram(xc, planes, bits, stride, padding, dilation, in_idx=idx, in_count=count,
+                                compact_input=True)
+    assert torch.equal(summed, hist.sum(0))
+
+
+def test_compact_rows_hash_bitwise_alike_alone_and_in_a_batch():
+    """A sample's projections by taps do not depend on how wide its batch's rows are (the widest count): alone, in
+    rows padded past its count, and in a batch whose rows are wider than one channel block (more than 128 channels,
+    where one matmul over all of them rounded differently), its codes are bitwise the same, also at a near-zero
+    projection: the float32 codes are compared bitwise, not against a float64 reference."""
+    from tritonslide.cpu_fallback.hash_histogram import TAP_CHANNEL_BLOCK
+    n, c, k = 4, 331, 300
+    assert k > 2 * TAP_CHANNEL_BLOCK
+    xc, idx, count, _ = compact_case(n, c, k, 5, 6, seed=3, dtype=torch.float32, second_count=131)
+    planes = torch.randn(12, c, 3, 3, generator=torch.Generator().manual_seed(4))
+
+    def codes(x, rows, counts):
+        return ops.hash_histogram(x, planes, 4, 1, 1, in_idx=rows, in_count=counts, return_codes=True,
+                                  per_sample=True, compact_input=True)[1]
+
+    batch = codes(xc, idx, count)
+    for i in range(n):
+        for width in {int(count[i]), min(k, int(count[i]) + 7)}:
+            width = max(width, 1)
+            alone = codes(xc[i:i + 1, :width], idx[i:i + 1, :width], count[i:i + 1])
+            assert torch.equal(alone, batch[i:i + 1]), (i, width)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compact_rows_of_low_precision_hash_in_float32(dtype):
+    """As the full-size hash: a half-precision compact input projects in float32 (here equal to the full-size
+    hash of the same values, which also runs in float32, except within rounding of zero, excluded by
+    construction)."""
+    xc, idx, count, full = compact_case(3, 10, 6, 7, 6, seed=7, dtype=torch.float32, second_count=4)
+    planes = torch.randn(6, 10, 3, 3, generator=torch.Generator().manual_seed(8))
+    _, codes = ops.hash_histogram(xc.to(dtype), planes.to(dtype), 3, 1, 1, in_idx=idx, in_count=count,
+                                  return_codes=True, per_sample=True, compact_input=True)
+    _, ref = ops.hash_histogram(full.to(dtype), planes.to(dtype), 3, 1, 1, return_codes=True, per_sample=True)
+    proj = F.conv2d(full.to(dtype).double(), planes.to(dtype).double(), padding=1).view(3, 2, 3, 7, 6).abs().amin(2)
+    safe = proj > 1e-2
+    assert safe.float().mean() > 0.8
+    assert torch.equal(codes[safe], ref[safe])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"in_idx": None}, ValueError, "needs per-sample in_idx rows"),
+        ({"in_idx": torch.tensor([0, 2])}, ValueError, "needs per-sample in_idx rows"),
+        ({"in_idx": torch.tensor([[0, 2, 4], [1, 2, 3]])}, ValueError, "in_idx.shape\\[1\\]=3 channels, got 2"),
+        ({"in_idx": torch.tensor([[0, 9], [1, 2]])}, ValueError, "in_idx must lie in \\[0, 5\\)"),
+        ({"in_idx": torch.tensor([[2, 1], [1, 2]])}, ValueError, "sorted and unique"),
+        ({"in_count": torch.tensor([3, 1])}, ValueError, "in_count must lie in \\[0, 2\\]"),
+        ({"compact_input": 1}, TypeError, "compact_input must be"),
+    ],
+)
+def test_compact_input_bad_input(kwargs, exc, match):
+    args = {"x": torch.randn(2, 2, 6, 6), "planes": torch.randn(6, 5, 3, 3), "bits": 3, "padding": 1,
+            "in_idx": torch.tensor([[0, 3], [1, 4]]), "in_count": torch.tensor([2, 1]), "per_sample": True,
+            "compact_input": True}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ops.hash_histogram(**args)
+
+
+def test_compact_input_of_an_empty_batch():
+    hist, codes = ops.hash_histogram(torch.randn(0, 2, 6, 6), torch.randn(6, 5, 3, 3), 3, padding=1,
+                                     in_idx=torch.empty(0, 2, dtype=torch.int64), return_codes=True,
+                                     per_sample=True, compact_input=True)
+    assert hist.shape == (0, 2, 8) and codes.shape == (0, 2, 6, 6)

@@ -220,23 +220,28 @@ def test_linked_per_sample_layers_hand_over_each_samples_channels_alone(train):
 
 
 def test_compact_inputs_hash_in_chunks_of_samples_as_a_whole(monkeypatch):
-    """A per-sample layer hashes a compact input chunk by chunk of samples (each chunk expanded to full width, the
-    CPU hash's chunk size): one-sample chunks give the same sets and outputs as the whole batch at once."""
+    """A per-sample layer hashes a compact input chunk by chunk of samples (the CPU hash's chunk size): its
+    stride-1 3x3 consumer by taps, its stride-2 one by expanding each chunk to full width. One-sample chunks give
+    the same sets and outputs as the whole batch at once."""
     from tritonslide.cpu_fallback import hash_histogram as cpu_hash
     x = torch.randn(7, 3, 12, 11, generator=torch.Generator().manual_seed(6))
     model = patched("sample").eval()
-    expanded = []
-    monkeypatch.setattr(tritonslide._library, "expand_rows",
-                        (lambda f: lambda xc, *a, **k: expanded.append(xc.shape[0]) or f(xc, *a, **k))(
-                            tritonslide._library.expand_rows))
+    seen = {"taps": [], "expanded": []}
+
+    def spy(name, real):
+        return lambda xc, *a, **k: seen[name].append(xc.shape[0]) or real(xc, *a, **k)
+
+    monkeypatch.setattr(cpu_hash, "_tap_projections", spy("taps", cpu_hash._tap_projections))
+    monkeypatch.setattr(cpu_hash, "expand_rows", spy("expanded", cpu_hash.expand_rows))
     with torch.no_grad():
         whole = model(x)
         sets = [m.last_active_counts for m in model.modules() if isinstance(m, ALSHConv2d)]
-        assert expanded and set(expanded) == {7}, expanded
-        expanded.clear()
+        assert seen == {"taps": [7], "expanded": [7]}, seen
+        seen["taps"].clear()
+        seen["expanded"].clear()
         monkeypatch.setattr(cpu_hash, "CHUNK_BYTES", 1)
         chunked = model(x)
-    assert expanded and set(expanded) == {1} and len(expanded) % 7 == 0, expanded
+    assert seen == {"taps": [1] * 7, "expanded": [1] * 7}, seen
     assert [m.last_active_counts for m in model.modules() if isinstance(m, ALSHConv2d)] == sets
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 

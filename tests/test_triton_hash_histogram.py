@@ -244,3 +244,20 @@ def test_more_than_32_planes(device):
     hist, codes = run_triton(x, planes, 5, (1, 1), (1, 1), (1, 1))
     ref_hist, ref_codes = loop_reference(x.cpu(), planes.cpu(), 5, (1, 1), (1, 1), (1, 1))
     check_against(hist, codes, ref_hist, ref_codes, ambiguous(x, planes, 5, (1, 1), (1, 1), (1, 1)), 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compact_rows_with_the_kernel_equal_the_loop(device):
+    """``compact_input`` on the Triton backend (each sample's compact channels expanded to full size for the
+    kernel): per-sample codes and histograms equal the loop over each sample's full-size input."""
+    from test_ops_hash_histogram import compact_case
+    xc, idx, count, full = compact_case(3, 11, 7, 9, 7, seed=2, dtype=torch.float32, second_count=5)
+    planes = torch.randn(12, 11, 3, 3, generator=torch.Generator().manual_seed(3))
+    with tritonslide.use_backend("triton"):
+        hist, codes = ops.hash_histogram(xc.to(device), planes.to(device), 4, 1, 1, in_idx=idx.to(device),
+                                         in_count=count.to(device), return_codes=True, per_sample=True,
+                                         compact_input=True)
+    refs = [loop_reference(full[i:i + 1], planes, 4, (1, 1), (1, 1), (1, 1)) for i in range(3)]
+    assert not bool(ambiguous(full, planes, 4, (1, 1), (1, 1), (1, 1)).any())
+    assert torch.equal(codes.cpu(), torch.cat([r[1] for r in refs]))
+    assert torch.equal(hist.cpu(), torch.stack([r[0] for r in refs]))

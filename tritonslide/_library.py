@@ -30,6 +30,7 @@ from tritonslide.cpu_fallback import (
     torch_active_conv2d_backward,
     torch_alsh_active_set,
     torch_hash_histogram,
+    torch_hash_histogram_rows,
     torch_sample_conv2d,
     torch_sample_conv2d_backward,
     torch_sketch_conv2d,
@@ -38,8 +39,9 @@ from tritonslide.cpu_fallback import (
     torch_sketch_linear_backward,
 )
 from tritonslide.cpu_fallback._format import is_channels_last
+from tritonslide.cpu_fallback._rows import expand_rows
+from tritonslide.cpu_fallback._rows import rows_valid as _rows_valid
 from tritonslide.cpu_fallback.sample_conv2d import _gather_channels
-from tritonslide.cpu_fallback.sample_conv2d import _valid as _rows_valid
 
 NS = "tritonslide"
 _C = torch.contiguous_format  # the layout of weight, factor and bias gradients
@@ -165,34 +167,6 @@ def rows_mask(idx: Tensor, count: Optional[Tensor], size: int, dtype: torch.dtyp
     return torch.zeros(idx.shape[0], size, dtype=dtype, device=idx.device).scatter_add_(1, idx, valid)
 
 
-def expand_rows(xc: Tensor, idx: Tensor, count: Optional[Tensor], size: int,
-                memory_format: Optional[torch.memory_format] = None) -> Tensor:
-    """A per-sample compact tensor (N, k, H, W) at full size (N, size, H, W): channel ``j`` of sample ``n`` goes to
-    channel ``idx[n, j]`` for ``j < count[n]``; every other channel is zero (what past a count is never read). Laid
-    out as ``xc`` unless ``memory_format`` says otherwise.
-
-    A gather, not a scatter: each full-size channel reads its source row of ``xc`` or an appended zero channel, by
-    the inverse of the rows (one small scatter of indices). NCHW: one ``index_select`` of whole (H, W) planes;
-    channels_last: a ``gather`` along the innermost dimension. AlexNet's per-sample inputs at batch 64 (1 thread,
-    this team's CPU), e.g. (64, 38 -> 64, 27, 27) and (64, 150 -> 384, 13, 13): 3.7 / 4.1 ms by scatter against
-    1.0 / 1.6 ms (NCHW) and 4.1 / 5.9 against 2.4 / 3.8 ms (channels_last)."""
-    n, k = idx.shape
-    hw = xc.shape[2:]
-    valid = _rows_valid(idx, count)
-    # inverse[n, c]: the entry of row n that holds channel c, or k (the zero channel); entries past a count (which
-    # may repeat an active index) write to the spare column ``size``, dropped
-    inverse = torch.full((n, size + 1), k, dtype=torch.int64, device=idx.device)
-    inverse.scatter_(1, torch.where(valid, idx, size), torch.arange(k, device=idx.device).expand(n, k))
-    inverse = inverse[:, :size]
-    fmt = _fmt(xc) if memory_format is None else memory_format
-    if fmt == torch.channels_last:
-        src = torch.cat([xc, xc.new_zeros((n, 1, *hw))], 1).permute(0, 2, 3, 1)
-        return src.gather(3, inverse[:, None, None, :].expand(n, *hw, size)).permute(0, 3, 1, 2)
-    planes = torch.cat([xc.reshape(n * k, -1), xc.new_zeros((1, hw.numel()))])
-    rows = torch.where(inverse < k, inverse + k * torch.arange(n, device=idx.device)[:, None], n * k)
-    return planes.index_select(0, rows.view(-1)).view(n, size, *hw)
-
-
 def compact_rows(x: Tensor, idx: Tensor, count: Optional[Tensor]) -> Tensor:
     """The per-sample compact form (N, k, H, W) of a full-size (N, C, H, W) tensor: channel ``j`` of sample ``n``
     is channel ``idx[n, j]``, zero past the row's count."""
@@ -220,10 +194,21 @@ def hash_histogram_impl(
     return_codes: bool,
     backend: str,
     per_sample: bool = False,
+    compact_input: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(hist (L, 2**bits) int64, or (N, L, 2**bits) with ``per_sample``; codes (N, L, H', W') int64, or an empty
     tensor without ``return_codes``)."""
     name = "tritonslide.ops.hash_histogram"
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if compact_input:
+        check_rows_values(name, "in", in_idx, in_count, planes.shape[1])
+        if _runtime_backend(backend) == "triton":  # the kernel reads full-size inputs
+            x, in_idx, in_count = expand_rows(x, in_idx, in_count, planes.shape[1]), None, None
+        else:
+            with _no_autocast(x.device.type):
+                out = torch_hash_histogram_rows(x, in_idx, in_count, planes, bits, stride, padding, dilation,
+                                                return_codes, per_sample)
+            return (out[0], out[1].contiguous()) if return_codes else (out, x.new_empty(0, dtype=torch.int64))
     if in_idx is not None and in_idx.dim() == 2:
         # per-sample read channels: hashing sample n with its other channels zeroed (the definition)
         check_rows_values(name, "in", in_idx, in_count, x.shape[1])
@@ -231,7 +216,6 @@ def hash_histogram_impl(
         in_idx = None
     else:
         in_idx = exact_set(name, "in", in_idx, in_count, x.shape[1])
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     with _no_autocast(x.device.type):
         if _runtime_backend(backend) == "triton":
             out = kernels.get_kernel("hash_histogram")(x, planes, bits, stride, padding, dilation, in_idx,
@@ -249,7 +233,8 @@ hash_histogram = torch.library.custom_op(f"{NS}::hash_histogram", mutates_args=(
 
 
 @hash_histogram.register_fake
-def _(x, planes, bits, stride, padding, dilation, in_idx, in_count, return_codes, backend, per_sample=False):
+def _(x, planes, bits, stride, padding, dilation, in_idx, in_count, return_codes, backend, per_sample=False,
+      compact_input=False):
     tables = planes.shape[0] // bits
     hist = x.new_empty(*((x.shape[0],) if per_sample else ()), tables, 1 << bits, dtype=torch.int64)
     if not return_codes:

@@ -147,6 +147,7 @@ def hash_histogram(
     return_codes: bool = False,
     in_count: torch.Tensor | None = None,
     per_sample: bool = False,
+    compact_input: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Hyperplane-hash every im2col patch of ``x`` and count the codes per table.
 
@@ -161,7 +162,11 @@ def hash_histogram(
     Per sample (issue #15): ``per_sample=True`` returns one histogram per sample over its own patches,
     (N, L, 2**bits), which makes each sample's active set independent of its batch companions. ``in_idx`` may then
     be (N, k) with ``in_count`` (N,): each sample's own read channels (the per-sample sets of
-    :func:`alsh_active_set`), which equals hashing each sample with its other channels zeroed.
+    :func:`alsh_active_set`), which equals hashing each sample with its other channels zeroed. With
+    ``compact_input`` (per-sample ``in_idx`` only) ``x`` is (N, k, H, W) and holds just those channels, as a linked
+    per-sample layer hands them over: channel ``j`` of sample ``n`` is input channel ``in_idx[n, j]`` (channels past
+    its ``in_count`` are never read), and ``planes`` keep the full C; the CPU fallback then never builds the
+    full-size input for a stride-1 layer of at most 3x3 taps.
     """
     name = "tritonslide.ops.hash_histogram"
     _check_x(name, x)
@@ -173,19 +178,25 @@ def hash_histogram(
         raise ValueError(f"{name}: expected planes of shape (L*bits, C, kh, kw), got {got}")
     if planes.shape[0] == 0 or planes.shape[0] % bits:
         raise ValueError(f"{name}: planes.shape[0]={planes.shape[0]} must be a positive multiple of bits={bits}")
-    if planes.shape[1] != x.shape[1]:
+    if not isinstance(per_sample, bool) or not isinstance(compact_input, bool):
+        raise TypeError(f"{name}: per_sample and compact_input must be bools, got {per_sample!r} and "
+                        f"{compact_input!r}")
+    if compact_input and not _per_sample(in_idx):
+        raise ValueError(f"{name}: compact_input=True needs per-sample in_idx rows (N, k): the channels x holds")
+    if compact_input and in_idx.shape[-1] != x.shape[1]:
+        raise ValueError(f"{name}: with compact_input x must have in_idx.shape[1]={in_idx.shape[-1]} channels, got "
+                         f"{x.shape[1]}")
+    if not compact_input and planes.shape[1] != x.shape[1]:
         raise ValueError(f"{name}: planes have {planes.shape[1]} input channels but x has {x.shape[1]}")
     if planes.device != x.device:
         raise ValueError(f"{name}: planes are on {planes.device} but x is on {x.device}")
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"{name}: per_sample must be a bool, got {per_sample!r}")
     if _per_sample(in_idx):
-        _check_rows(name, "in", in_idx, in_count, x.shape[0], x.shape[1], x.device)
+        _check_rows(name, "in", in_idx, in_count, x.shape[0], planes.shape[1], x.device)
     else:
         _check_count(name, in_idx, in_count, False, x.shape[1], x.device, "in")
     backend = _backend_arg("hash_histogram", x)
     args = (x.detach(), planes.detach(), bits, stride, padding, dilation, in_idx, in_count, return_codes, backend,
-            per_sample)
+            per_sample, compact_input)
     op = _library.hash_histogram_impl if _library.eager(x, planes, in_idx, in_count) else _library.hash_histogram
     hist, codes = op(*args)
     return (hist, codes) if return_codes else hist

@@ -27,7 +27,6 @@ from tritonslide import _library, ops
 from tritonslide._backend import resolve_backend
 from tritonslide._registry import MethodSpec, register_method
 from tritonslide.configs import ALSHConfig
-from tritonslide.cpu_fallback.hash_histogram import hash_chunk
 from tritonslide.nn._common import (
     ConfigState,
     check_conv_input,
@@ -272,25 +271,13 @@ class ALSHSelector(ConfigState, nn.Module):
 
     def _hash_compact_rows(self, x: torch.Tensor, in_idx: torch.Tensor, in_count: torch.Tensor | None) -> torch.Tensor:
         """(N, L, 2**K) histograms of a per-sample compact input (channel ``j`` of sample ``n`` is input channel
-        ``in_idx[n, j]``): hashing reads the full-size input, zero outside each sample's channels (no mask needed),
-        built chunk by chunk of samples as the CPU hash chunks (:func:`~tritonslide.cpu_fallback.hash_histogram.
-        hash_chunk`), so that the full-width input of the whole batch never exists at once, and channels_last for
-        the CPU hash, whose 16 padded projections run 1.4-2.2x faster so. On VGG-11's per-sample inputs at batch 64
-        (e.g. (64, 22 -> 64, 112, 112) and (64, 121 -> 256, 56, 56)) expanding and hashing the whole batch took 220
-        and 163 ms against 95 and 73 ms in chunks (2 threads of this team's CPU, best of 3)."""
+        ``in_idx[n, j]``): :func:`tritonslide.ops.hash_histogram` with ``compact_input``, which equals hashing the
+        full-size input, zero outside each sample's channels. The CPU fallback runs it in chunks of samples, a
+        stride-1 layer of at most 3x3 taps without ever building the full-size input
+        (:func:`~tritonslide.cpu_fallback.hash_histogram.torch_hash_histogram_rows`)."""
         cfg = self.alsh_config
-        on_cpu = resolve_backend("hash_histogram", x) == "torch"
-        fmt = torch.channels_last if on_cpu else None
-        n = x.shape[0]
-        chunk = hash_chunk(x, self.in_channels, self.planes, self.stride, self.padding, self.dilation) if on_cpu else n
-        hists = []
-        for i in range(0, n, chunk):
-            rows = slice(i, i + chunk)
-            full = _library.expand_rows(x[rows], in_idx[rows], None if in_count is None else in_count[rows],
-                                        self.in_channels, fmt)
-            hists.append(ops.hash_histogram(full, self.planes, cfg.bits, self.stride, self.padding, self.dilation,
-                                            per_sample=True))
-        return hists[0] if len(hists) == 1 else torch.cat(hists)
+        return ops.hash_histogram(x, self.planes, cfg.bits, self.stride, self.padding, self.dilation, in_idx=in_idx,
+                                  in_count=in_count, per_sample=True, compact_input=True)
 
     def sync_empty_batch(self) -> None:
         """With ``sync_active_set``, a rank whose batch is empty still joins the histogram all-reduce (with zeros):
