@@ -99,11 +99,11 @@ def torch_hash_histogram_rows(
 
 def _by_taps(planes: torch.Tensor, stride: tuple[int, int]) -> bool:
     """Whether :func:`torch_hash_histogram_rows` projects by taps: stride 1 and at most 9 taps. Per-sample compact
-    inputs of AlexNet and VGG-11 at batch 64 (2 threads of this team's CPU, best of rounds of each in turn), by
-    expanding / by taps: VGG-11's 3x3 layers 112 px with 22 of 64 channels 175 / 150 ms, 56 px with 65 of 128 73 /
-    49, with 121 of 256 121 / 68, 28 px with 129 of 256 33 / 20, with 277 of 512 110 / 39, 14 px with 317 and 263
-    of 512 16 / 12 and 15 / 10; AlexNet's 13 px layers 5.2 / 4.6, 13.1 / 7.0 and 8.6 / 7.3 ms; but AlexNet's 5x5
-    layer (27 px, 38 of 64 channels) 16 / 30 ms: 25 taps make the tap products 2.8x the input."""
+    inputs captured from AlexNet and VGG-11 at batch 64 (2 threads of this team's CPU, 2026-12-04, best of 4x6 calls
+    in turn), expanded / by taps: VGG-11's 3x3 layers 112 px with 22 of 64 channels 127 / 85 ms, 56 px with 65 of
+    128 63 / 39, with 121 of 256 125 / 70, 28 px with 129 of 256 31 / 19, with 277 of 512 99 / 35, 14 px with 317 and
+    263 of 512 15.7 / 11.6 and 16.3 / 9.9; AlexNet's 13 px layers 5.4 / 3.8, 12.2 / 5.9 and 6.3 / 4.7 ms; but
+    AlexNet's 5x5 layer (27 px, 38 of 64 channels) 14.1 / 19.4 ms: 25 taps make the tap products 10x its input."""
     return stride == (1, 1) and planes.shape[2] * planes.shape[3] <= 9
 
 
