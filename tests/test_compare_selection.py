@@ -41,6 +41,22 @@ def test_digits_rows_cover_every_training_and_test_selection(run):
     json.dumps(section.rows)
 
 
+def test_batchnorm_rows_cover_every_start_mode_and_selection(run):
+    section, _ = run
+    rows = [r for r in section.rows if r["part"] == "batchnorm"]
+    got = {(r["start"], r["batchnorm"], r["trained"], r["tested"]) for r in rows}
+    tested = selection.SELECTIONS
+    want = {("scratch", b, t, e) for b in selection.BATCHNORM_MODES for t in tested for e in tested}
+    want |= {("dense", "-", "dense", e) for e in tested}
+    want |= {("converted", b, t, e) for b in selection.BATCHNORM_MODES for t in ("none", *tested) for e in tested}
+    assert got == want
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 100
+    dense = [r["accuracy"] for r in rows if r["start"] == "dense"]
+    assert dense[0] == dense[1]  # the dense net has no selection: both test passes give the same accuracy
+    assert "| start | trained with (epochs) | BatchNorm |" in section.markdown
+
+
 def test_imagenet_rows_ratios_and_batch_independence(run):
     section, threads = run
     rows = [r for r in section.rows if r["part"] == "imagenet"]

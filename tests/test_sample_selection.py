@@ -362,15 +362,19 @@ def test_export_of_the_default_per_sample_eval(method):
 
 
 def test_per_sample_training_with_batchnorm_is_warned_about():
-    """selection="sample" trains per sample, which is unstable with BatchNorm after the layer: patch and
-    set_selection say so for a model with BatchNorm, and stay quiet without it or with the default ("auto")."""
+    """selection="sample" trains per sample, which can be unstable beside BatchNorm: patch and set_selection say so
+    for a model with BatchNorm (naming the plain ones), and stay quiet without it or with the default ("auto")."""
     def bn_cnn():
         return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
                              nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
 
     convert_all = {"filter_fn": lambda m, name: True}
-    with pytest.warns(UserWarning, match=r"tritonslide.patch: selection='sample'.*2 BatchNorm layer\(s\) \(1, 4\)"):
+    plain = r"tritonslide.patch: selection='sample'.*2 plain BatchNorm layer\(s\) \(1, 4\)"
+    with pytest.warns(UserWarning, match=plain):
+        tritonslide.patch(bn_cnn(), ALSHConfig(selection="sample"), batchnorm="keep", **convert_all)
+    with pytest.warns(UserWarning, match=r"selection='sample'.*2 BatchNorm layer\(s\) after ALSH layers impute") as got:
         tritonslide.patch(bn_cnn(), ALSHConfig(selection="sample"), **convert_all)
+    assert "plain" not in str(got[0].message)
     with pytest.warns(UserWarning, match="selection='sample'"):
         tritonslide.patch(bn_cnn(), MILFConfig(sketch=SketchConfig(k=4), alsh=ALSHConfig(selection="sample")),
                           **convert_all)

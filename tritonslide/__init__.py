@@ -12,6 +12,7 @@ from tritonslide.configs import ALSHConfig, CSGConfig, LowRankConfig, MILFConfig
 from tritonslide.patch import (
     TrainAndReplace,
     available_methods,
+    impute_batchnorms,
     link_active_sets,
     patch,
     rebuild_tables,
@@ -36,6 +37,7 @@ __all__ = [
     "TrainAndReplace",
     "available_methods",
     "current_backend",
+    "impute_batchnorms",
     "link_active_sets",
     "models",
     "nn",

@@ -39,18 +39,23 @@ def digits28(seed: int = 0) -> DigitsSplit:
     return DigitsSplit((x_train - mean) / std, d.y_train, (x_test - mean) / std, d.y_test)
 
 
-def _block(layers: list[tuple[str, nn.Module]], i: int, cin: int, cout: int, pool: bool) -> None:
-    layers += [(f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1)), (f"relu{i}", nn.ReLU())]
+def _block(layers: list[tuple[str, nn.Module]], i: int, cin: int, cout: int, pool: bool,
+           batch_norm: bool = False) -> None:
+    if batch_norm:  # conv without bias, BatchNorm, ReLU, as in ResNet / VGG-BN
+        layers += [(f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False)), (f"bn{i}", nn.BatchNorm2d(cout))]
+    else:
+        layers.append((f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1)))
+    layers.append((f"relu{i}", nn.ReLU()))
     if pool:
         layers.append((f"pool{i}", nn.MaxPool2d(2)))
 
 
 def _cnn(widths: Sequence[int], pools: Sequence[bool], hidden: int | None, num_classes: int,
-         size: int) -> nn.Sequential:
+         size: int, batch_norm: bool = False) -> nn.Sequential:
     layers: list[tuple[str, nn.Module]] = []
     cin = 1
     for i, (w, p) in enumerate(zip(widths, pools), start=1):
-        _block(layers, i, cin, w, p)
+        _block(layers, i, cin, w, p, batch_norm)
         cin = w
         size //= 2 if p else 1
     layers.append(("flatten", nn.Flatten()))
@@ -66,6 +71,12 @@ def cnn3(num_classes: int = 10, size: int = 28) -> nn.Sequential:
     """CNN-SLIDE's 3-layer CNN for 1x28x28 inputs (the paper gives no layout; ours): 3x3 convs 32-64-64, pools after
     the second and third, one linear layer."""
     return _cnn((32, 64, 64), (False, True, True), None, num_classes, size)
+
+
+def cnn3_bn(num_classes: int = 10, size: int = 28) -> nn.Sequential:
+    """:func:`cnn3` with a BatchNorm after each convolution (and no conv bias): the BatchNorm part of the
+    ``selection`` section (ALSH on conv2 / conv3, each followed by its BatchNorm)."""
+    return _cnn((32, 64, 64), (False, True, True), None, num_classes, size, batch_norm=True)
 
 
 def cnn8(num_classes: int = 10, size: int = 28) -> nn.Sequential:

@@ -13,6 +13,11 @@ Two parts, both run with the same ALSH config (3 tables of 5 bits, top 5 buckets
   selection included) per batch and per sample selection, dense in the same process (round-robin: each round
   calls dense, per batch and per sample once), the mean active fraction, and how far the outputs of four samples
   move when they are run alone instead of inside the batch.
+* ``batchnorm``: the 3-layer CNN with a BatchNorm after each convolution (``cnn3_bn``), ALSH on conv2 / conv3, with
+  ``tritonslide.patch(..., batchnorm="keep")`` (plain BatchNorm after the ALSH layers) and ``"impute"`` (the
+  default: :class:`~tritonslide.nn.ImputedBatchNorm2d`). Trained from scratch per batch and per sample, and
+  converted from the dense net trained for the same epochs: tested per sample as converted, then fine-tuned per
+  batch and per sample for a fifth of the epochs (at least one). Each tested per sample and per batch.
 
 The figures decide ``ALSHConfig.selection``'s default (the README gives them).
 """
@@ -23,6 +28,7 @@ import copy
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +38,9 @@ from torch import nn
 import tritonslide
 from tritonslide._benchtools import sample_crops
 from tritonslide.compare import Context, Section
-from tritonslide.compare._common import NETS, digits28, markdown_table, pyplot, save_plot, time_round_robin
+from tritonslide.compare._common import NETS, cnn3_bn, digits28, markdown_table, pyplot, save_plot, time_round_robin
 from tritonslide.compare.cnnslide import LAYERS, subset, train_timed
+from tritonslide.demo import train
 
 SELECTIONS = ("batch", "sample")
 
@@ -111,6 +118,63 @@ def digits_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
     return rows
 
 
+BATCHNORM_MODES = ("keep", "impute")
+
+
+@torch.no_grad()
+def _accuracies(model: nn.Module, data, restore: str) -> dict[str, float]:
+    """Test accuracy per sample and per batch (test batches of 64); ``model`` is left with ``restore`` selection."""
+    out = {}
+    with warnings.catch_warnings():  # set_selection("sample") beside BatchNorm warns about training
+        warnings.simplefilter("ignore", UserWarning)
+        for tested in SELECTIONS:
+            tritonslide.set_selection(model, tested)
+            out[tested] = _evaluate(model, data.x_test, data.y_test, 64)[0]
+        tritonslide.set_selection(model, restore)
+    return out
+
+
+def batchnorm_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
+    data = subset(digits28(ctx.seed), scale.train_subset, None, ctx.device)
+    per_epoch = math.ceil(len(data.y_train) / 64)
+    finetune = max(1, scale.epochs // 5)
+    torch.manual_seed(ctx.seed)
+    init = cnn3_bn().to(ctx.device)
+    rows: list[dict[str, Any]] = []
+
+    def patched(model: nn.Module, selection: str, batchnorm: str) -> nn.Module:
+        with warnings.catch_warnings():  # per-sample training beside BatchNorm warns: measuring it is the point
+            warnings.simplefilter("ignore", UserWarning)
+            return tritonslide.patch(model, _alsh(selection, ctx.seed, per_epoch), batchnorm=batchnorm,
+                                     filter_fn=lambda module, name: name in LAYERS["cnn3"])
+
+    def add(start: str, batchnorm: str, trained: str, epochs: int, model: nn.Module) -> None:
+        acc = _accuracies(model, data, trained if trained in SELECTIONS else "batch") if trained != "dense" else {
+            t: _evaluate(model, data.x_test, data.y_test, 64)[0] for t in SELECTIONS}
+        for tested in SELECTIONS:
+            rows.append({"part": "batchnorm", "net": "cnn3_bn", "start": start, "batchnorm": batchnorm,
+                         "trained": trained, "tested": tested, "epochs": epochs, "accuracy": acc[tested]})
+
+    for batchnorm in BATCHNORM_MODES:
+        for trained in SELECTIONS:
+            model = patched(copy.deepcopy(init), trained, batchnorm)
+            train_timed(model, data, epochs=scale.epochs, batch_size=64, ctx=ctx,
+                        desc=f"cnn3_bn {trained} {batchnorm}")
+            add("scratch", batchnorm, trained, scale.epochs, model)
+    dense = copy.deepcopy(init)
+    train(dense, data, epochs=scale.epochs, batch_size=64, seed=ctx.seed, progress=ctx.progress,
+          desc="cnn3_bn dense")
+    add("dense", "-", "dense", scale.epochs, dense.eval())
+    for batchnorm in BATCHNORM_MODES:
+        add("converted", batchnorm, "none", 0, patched(copy.deepcopy(dense), "batch", batchnorm))
+        for trained in SELECTIONS:
+            model = patched(copy.deepcopy(dense), trained, batchnorm)
+            train(model, data, epochs=finetune, batch_size=64, seed=ctx.seed + 1, progress=ctx.progress,
+                  desc=f"cnn3_bn fine-tune {trained} {batchnorm}")
+            add("converted", batchnorm, trained, finetune, model)
+    return rows
+
+
 def imagenet_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
     x = sample_crops(scale.batch, scale.size, ctx.seed).to(ctx.device)
     threads = torch.get_num_threads()
@@ -160,6 +224,13 @@ def imagenet_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
 def _markdown(rows: list[dict[str, Any]], scale: Scale, ctx: Context) -> str:
     digits = [r for r in rows if r["part"] == "digits"]
     imagenet = [r for r in rows if r["part"] == "imagenet"]
+    norms = [r for r in rows if r["part"] == "batchnorm"]
+    by = {(r["start"], r["batchnorm"], r["trained"], r["tested"]): r["accuracy"] for r in norms}
+    t3 = markdown_table(
+        ["start", "trained with (epochs)", "BatchNorm", "test acc %, per sample", "per batch"],
+        [[r["start"], f"{r['trained']} ({r['epochs']})", r["batchnorm"], f"{r['accuracy']:.1f}",
+          f"{by[(r['start'], r['batchnorm'], r['trained'], 'batch')]:.1f}"]
+         for r in norms if r["tested"] == "sample"])
     t1 = markdown_table(
         ["net", "trained with", "tested with", "test acc %", "active (train)", "active (test)", "epoch s",
          "eval ms / image"],
@@ -186,6 +257,10 @@ def _markdown(rows: list[dict[str, Any]], scale: Scale, ctx: Context) -> str:
         "No paper reports per-sample selection (Feeney 2019 sec. 4.2 and CNN-SLIDE sec. 4.1 choose one set per "
         "batch), so there is no paper column. Per batch, a sample's prediction depends on its companions (the last "
         "column); per sample it does not, by construction (tests/test_sample_selection.py checks 1e-5).",
+        "BatchNorm after the ALSH layers (cnn3 with a BatchNorm after each convolution, ALSH on conv2 / conv3; "
+        "'keep': plain nn.BatchNorm2d, 'impute': tritonslide.nn.ImputedBatchNorm2d, the patch default; 'converted' "
+        "starts from the dense row's weights, 'none' is before fine-tuning):",
+        t3,
     ])
 
 
@@ -213,7 +288,7 @@ def _plot(rows: list[dict[str, Any]], out_dir) -> str:
 
 def run(ctx: Context) -> Section:
     scale = QUICK if ctx.quick else FULL
-    rows = digits_rows(ctx, scale) + imagenet_rows(ctx, scale)
+    rows = digits_rows(ctx, scale) + batchnorm_rows(ctx, scale) + imagenet_rows(ctx, scale)
     note = (f"{ctx.scale}: digits {', '.join(scale.nets)} x {scale.epochs} epoch(s); ImageNet shapes batch "
             f"{scale.batch} at {scale.size} px, {scale.rounds} rounds")
     return Section(markdown=_markdown(rows, scale, ctx), rows=rows, paper=copy.deepcopy(PAPER),

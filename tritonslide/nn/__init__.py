@@ -2,12 +2,14 @@
 
 from tritonslide.nn._common import looks_untrained
 from tritonslide.nn.alsh import ALSHConv2d, ALSHLayerStats, ALSHSelector
+from tritonslide.nn.batchnorm import ImputedBatchNorm2d
 from tritonslide.nn.csg import CSGConv2d, SliceGenerator
 from tritonslide.nn.lowrank import LowRankConv2d
 from tritonslide.nn.milf import MILFConv2d
 from tritonslide.nn.sketch import SketchConv2d, SketchLinear
 
 __all__ = [
-    "ALSHConv2d", "ALSHLayerStats", "ALSHSelector", "CSGConv2d", "LowRankConv2d", "MILFConv2d", "SketchConv2d",
+    "ALSHConv2d", "ALSHLayerStats", "ALSHSelector", "CSGConv2d", "ImputedBatchNorm2d", "LowRankConv2d", "MILFConv2d",
+    "SketchConv2d",
     "SketchLinear", "SliceGenerator", "looks_untrained",
 ]
