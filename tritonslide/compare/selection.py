@@ -149,8 +149,10 @@ def batchnorm_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
                                      filter_fn=lambda module, name: name in LAYERS["cnn3"])
 
     def add(start: str, batchnorm: str, trained: str, epochs: int, model: nn.Module) -> None:
-        acc = _accuracies(model, data, trained if trained in SELECTIONS else "batch") if trained != "dense" else {
-            t: _evaluate(model, data.x_test, data.y_test, 64)[0] for t in SELECTIONS}
+        if trained == "dense":  # no selection: one test pass serves both columns
+            acc = dict.fromkeys(SELECTIONS, _evaluate(model, data.x_test, data.y_test, 64)[0])
+        else:
+            acc = _accuracies(model, data, trained if trained in SELECTIONS else "batch")
         for tested in SELECTIONS:
             rows.append({"part": "batchnorm", "net": "cnn3_bn", "start": start, "batchnorm": batchnorm,
                          "trained": trained, "tested": tested, "epochs": epochs, "accuracy": acc[tested]})

@@ -47,23 +47,15 @@ class ImputedBatchNorm2d(nn.BatchNorm2d):
         """The same Parameters and buffers as ``bn`` (an optimizer that holds them keeps working), ``bn``'s mode."""
         if type(bn) is not nn.BatchNorm2d:
             raise TypeError(f"ImputedBatchNorm2d.from_batchnorm: expected an nn.BatchNorm2d, got {type(bn).__name__}")
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
-        for key in ("weight", "bias"):
-            setattr(new, key, getattr(bn, key))
-        for key in ("running_mean", "running_var", "num_batches_tracked"):
-            new._buffers[key] = bn._buffers.get(key)
+        new = _share_state(bn, cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                   device="meta"))
         new.layer_name = name
-        return new.train(bn.training)
+        return new
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
         """The plain ``nn.BatchNorm2d`` with the same Parameters and buffers (what ``unpatch`` puts back)."""
-        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
-                            device="meta")
-        for key in ("weight", "bias"):
-            setattr(bn, key, getattr(self, key))
-        for key in ("running_mean", "running_var", "num_batches_tracked"):
-            bn._buffers[key] = self._buffers.get(key)
-        return bn.train(self.training)
+        return _share_state(self, nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine,
+                                                 self.track_running_stats, device="meta"))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -105,6 +97,15 @@ class ImputedBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", not-computed channels imputed by their mean"
+
+
+def _share_state(src: nn.BatchNorm2d, dst: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """``dst`` (built on the meta device) holding ``src``'s Parameters and buffers themselves, in ``src``'s mode."""
+    for key in ("weight", "bias"):
+        setattr(dst, key, getattr(src, key))
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        dst._buffers[key] = src._buffers.get(key)
+    return dst.train(src.training)
 
 
 def _computed(x: torch.Tensor) -> torch.Tensor:
