@@ -16,7 +16,7 @@ from torch import nn
 import tritonslide
 from tests.tolerances import assert_close
 from tritonslide import ALSHConfig
-from tritonslide.nn import ALSHConv2d, ImputedBatchNorm2d
+from tritonslide.nn import ALSHConv2d, ImputedBatchNorm2d, ImputedSyncBatchNorm
 
 
 def loop_reference(x, weight, bias, running_mean, running_var, eps, momentum, training):
@@ -271,3 +271,66 @@ def test_milf_layers_pair_too():
     with torch.no_grad():
         full, alone = model(x), torch.cat([model(x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(alone, full[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    mod = imputed(5)
+    empty = torch.zeros(0, 5, 4, 3, dtype=torch.float64)
+    assert mod.eval()(empty).shape == empty.shape
+    before = mod.running_var.clone()
+    assert mod.train()(empty).shape == empty.shape  # no computed value: the running statistics stay
+    torch.testing.assert_close(mod.running_var, before)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sync_form_in_one_process_is_the_plain_form(training):
+    """Without a process group (or with one rank) ImputedSyncBatchNorm computes what ImputedBatchNorm2d does; its
+    collectives are tested on two ranks in tests/test_distributed.py."""
+    plain = imputed(7, seed=3).train(training)
+    sync = ImputedSyncBatchNorm.from_batchnorm(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)
+                                                                                       .to_batchnorm()), "s")
+    sync.train(training)
+    x = sparse_input((6, 7, 4, 5), seed=4)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((plain, sync), xs)]
+    gy = torch.randn_like(x)
+    for out in outs:
+        (out * gy).sum().backward()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
+    torch.testing.assert_close(sync.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(sync.running_var, plain.running_var, rtol=0, atol=0)
+    assert set(sync.state_dict()) == set(nn.SyncBatchNorm(7).state_dict())
+    with pytest.raises(TypeError, match="expected an nn.SyncBatchNorm, got BatchNorm2d"):
+        ImputedSyncBatchNorm.from_batchnorm(nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match=r"ImputedSyncBatchNorm s: expected an input of shape \(N, 7, H, W\)"):
+        sync(torch.randn(2, 7, 5, dtype=torch.float64))
+
+
+def test_patch_pairs_sync_batchnorm_and_convert_keeps_imputation():
+    """A model converted to SyncBatchNorm before patch gets ImputedSyncBatchNorm after its ALSH layers;
+    tritonslide.convert_sync_batchnorm after patch turns each ImputedBatchNorm2d into one (torch's function alone
+    gives a plain SyncBatchNorm there) and every other BatchNorm into a plain SyncBatchNorm, the same Parameters and
+    buffers; unpatch gives plain SyncBatchNorms back."""
+    group = object()  # stands for a process group: only carried along, never used in one process
+    config = ALSHConfig(bits=4, top_buckets=2)
+    before = tritonslide.patch(nn.SyncBatchNorm.convert_sync_batchnorm(bn_cnn()), config)
+    assert [type(before[i]) for i in (1, 4, 7)] == [nn.SyncBatchNorm, ImputedSyncBatchNorm, ImputedSyncBatchNorm]
+
+    model = tritonslide.patch(bn_cnn(), config)
+    weights = [model[i].weight for i in (1, 4, 7)]
+    means = [model[i].running_mean for i in (1, 4, 7)]
+    converted = tritonslide.convert_sync_batchnorm(model, group)
+    assert [type(converted[i]) for i in (1, 4, 7)] == [nn.SyncBatchNorm, ImputedSyncBatchNorm, ImputedSyncBatchNorm]
+    assert all(converted[i].weight is w and converted[i].running_mean is m
+               for i, w, m in zip((1, 4, 7), weights, means))
+    assert all(converted[i].process_group is group for i in (1, 4, 7))
+    assert converted[4].layer_name == "4"
+    kept = tritonslide.convert_sync_batchnorm(tritonslide.patch(bn_cnn(), config, batchnorm="keep"))
+    assert [type(kept[i]) for i in (1, 4, 7)] == [nn.SyncBatchNorm] * 3  # "keep" stays kept
+    single = tritonslide.convert_sync_batchnorm(ImputedBatchNorm2d.from_batchnorm(nn.BatchNorm2d(3)))
+    assert type(single) is ImputedSyncBatchNorm
+
+    tritonslide.unpatch(converted)
+    assert [type(converted[i]) for i in (1, 4, 7)] == [nn.SyncBatchNorm] * 3
+    assert converted[4].weight is weights[1] and converted[4].process_group is group

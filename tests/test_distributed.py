@@ -7,6 +7,7 @@ file store per case, so a case that fails on one rank times out on the other and
 what each rank computed, or its traceback, to ``<case>.rank<r>.pt``; the tests compare the files, so a mismatch fails
 with an assertion message in the parent."""
 
+import copy
 import datetime
 import traceback
 import warnings
@@ -22,7 +23,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 import tritonslide
 from tritonslide.configs import ALSHConfig, CSGConfig, LowRankConfig, MILFConfig, SketchConfig
-from tritonslide.nn import ALSHConv2d, ALSHSelector, CSGConv2d, LowRankConv2d, MILFConv2d, SketchConv2d
+from tritonslide.nn import (
+    ALSHConv2d,
+    ALSHSelector,
+    CSGConv2d,
+    ImputedBatchNorm2d,
+    ImputedSyncBatchNorm,
+    LowRankConv2d,
+    MILFConv2d,
+    SketchConv2d,
+)
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
@@ -132,8 +142,115 @@ def _empty(rank: int, method: str) -> dict:
     return {"y": y}
 
 
+# ImputedSyncBatchNorm: how many of the global batch's 8 samples each rank holds
+BN_SPLITS = {"even": 4, "uneven": 6, "empty": 8}
+BN_SHAPES = {"planes": (8, 6, 3, 4), "points": (8, 4, 1, 1)}
+
+
+def bn_case(shape_name: str) -> tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor]:
+    """A float64 BatchNorm with random affine and running statistics, a global batch whose planes are zero in a
+    pattern that covers every case (see ``bn_input``), and an output gradient."""
+    shape = BN_SHAPES[shape_name]
+    g = torch.Generator().manual_seed(11)
+    bn = nn.BatchNorm2d(shape[1], momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-0.5, 0.5, generator=g)
+        bn.running_mean.uniform_(-0.2, 0.2, generator=g)
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+    return bn, bn_input(shape, g), torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def bn_input(shape, g: torch.Generator) -> torch.Tensor:
+    """Values with whole planes zeroed (not computed). Channel 0: no sample computed; 1: every sample; 2: only
+    sample 0 (rank 0's); 3: samples 0 and 7, one on each rank in the even split, so with 1x1 planes each rank alone
+    has one value (no usable variance) and together they have two; the others at random."""
+    x = 3.0 + torch.randn(shape, generator=g, dtype=torch.float64)  # a mean far from 0, as after ReLU + bias
+    keep = torch.rand(shape[:2], generator=g) < 0.5
+    keep[:, 0], keep[:, 1], keep[:, 2], keep[:, 3] = False, True, False, False
+    keep[0, 2] = keep[0, 3] = keep[7, 3] = True
+    return x * keep[:, :, None, None]
+
+
+def _bn(rank: int, case: str) -> dict:
+    """One training forward and backward of ImputedSyncBatchNorm on this rank's rows of the global batch, then an
+    eval forward on the same rows."""
+    split, shape_name = case.split("/")
+    bn, x, gy = bn_case(shape_name)
+    lo, hi = (0, BN_SPLITS[split]) if rank == 0 else (BN_SPLITS[split], len(x))
+    layer = ImputedSyncBatchNorm.from_batchnorm(nn.SyncBatchNorm.convert_sync_batchnorm(bn), "bn").train()
+    xr = x[lo:hi].clone().requires_grad_(True)
+    y = layer(xr)
+    (y * gy[lo:hi]).sum().backward()
+    with torch.no_grad():
+        y_eval = layer.eval()(x[lo:hi])
+    return {"y": y.detach(), "dx": xr.grad, "dgamma": layer.weight.grad, "dbeta": layer.bias.grad,
+            "mean": layer.running_mean, "var": layer.running_var, "tracked": layer.num_batches_tracked,
+            "y_eval": y_eval}
+
+
+def _bn_compiled(rank: int, _: object) -> dict:
+    """ImputedSyncBatchNorm under torch.compile(fullgraph=True) on two ranks, against the same module in eager."""
+    bn, x, gy = bn_case("planes")
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    got = {}
+    for name in ("eager", "compiled"):
+        layer = ImputedSyncBatchNorm.from_batchnorm(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(bn)), "bn")
+        run = torch.compile(layer, backend="aot_eager", fullgraph=True) if name == "compiled" else layer
+        xr = x[rows].clone().requires_grad_(True)
+        y = run(xr)
+        (y * gy[rows]).sum().backward()
+        got[name] = (y.detach(), xr.grad, layer.weight.grad, layer.running_var)
+    return got
+
+
+def bn_cnn() -> nn.Sequential:
+    """BatchNorm after the two convolutions that patch converts (the 3-channel first one stays dense: torch's own
+    SyncBatchNorm would refuse CPU tensors)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1),
+        nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    )
+
+
+def build_bn_cnn(sync_bn: bool) -> nn.Module:
+    """The BatchNorm CNN patched with synchronized per-batch active sets (the sets one process would choose for the
+    global batch), its BatchNorms synchronized too when ``sync_bn``."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = tritonslide.patch(bn_cnn(), ALSHConfig(sync_active_set=True, selection="batch"))
+    return tritonslide.convert_sync_batchnorm(model) if sync_bn else model
+
+
+def bn_cnn_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(WORLD * BATCH, 3, 10, 10, generator=g), torch.randint(0, 10, (WORLD * BATCH,), generator=g)
+
+
+def _bn_ddp(rank: int, sync_bn: bool) -> dict:
+    """One data-parallel training step of the patched BatchNorm CNN on this rank's half of the global batch. The
+    gradients are averaged by hand as DDP averages them: DDP refuses any SyncBatchNorm in a CPU module (torch's
+    check, for its own SyncBatchNorm's sake), though ImputedSyncBatchNorm runs on CPU tensors."""
+    model = build_bn_cnn(sync_bn)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = bn_cnn_batch()
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    out = model(x[rows])
+    F.cross_entropy(out, target[rows]).backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD
+    opt.step()
+    return {"out": out.detach(), "final": tensors(model), "counts": active_counts(model),
+            "types": [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]}
+
+
 CASES = {**{f"train_{c}": (_train, c) for c in TRAIN_CONFIGS}, **{f"sync_{m}": (_choose, m) for m in SYNC_METHODS},
-         **{f"empty_{m}": (_empty, m) for m in SYNC_METHODS}}
+         **{f"empty_{m}": (_empty, m) for m in SYNC_METHODS},
+         **{f"bn_{split}_{shape}": (_bn, f"{split}/{shape}") for split in BN_SPLITS for shape in BN_SHAPES},
+         **{f"bn_ddp_{sync}": (_bn_ddp, sync) for sync in (True, False)}, "bn_compiled": (_bn_compiled, None)}
 
 
 def _worker(rank: int, out: Path) -> None:
@@ -218,3 +335,76 @@ def test_sync_active_set_with_an_empty_rank(method, results):
     ranks = results(f"empty_{method}")
     torch.testing.assert_close(ranks[0]["y"], alone, atol=1e-5, rtol=0)
     assert ranks[1]["y"].shape == (0, 10)
+
+
+@pytest.mark.parametrize("shape", list(BN_SHAPES))
+@pytest.mark.parametrize("split", list(BN_SPLITS))
+def test_imputed_sync_batchnorm_matches_one_process_on_the_global_batch(split, shape, results):
+    """Each rank's rows of the output and of dx, the sum of the ranks' dgamma / dbeta (DDP sums, then averages,
+    them) and every rank's running statistics equal ImputedBatchNorm2d's in one process on the whole batch."""
+    bn, x, gy = bn_case(shape)
+    one = ImputedBatchNorm2d.from_batchnorm(bn, "bn").train()
+    xg = x.clone().requires_grad_(True)
+    y = one(xg)
+    (y * gy).sum().backward()
+    with torch.no_grad():
+        y_eval = one.eval()(x)
+    ranks = results(f"bn_{split}_{shape}")
+    cut = BN_SPLITS[split]
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(torch.cat([got["y"] for got in ranks]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([got["dx"] for got in ranks]), xg.grad, **tol)
+    torch.testing.assert_close(sum(got["dgamma"] for got in ranks), one.weight.grad, **tol)
+    torch.testing.assert_close(sum(got["dbeta"] for got in ranks), one.bias.grad, **tol)
+    torch.testing.assert_close(torch.cat([got["y_eval"] for got in ranks]), y_eval, **tol)
+    for got in ranks:
+        torch.testing.assert_close(got["mean"], one.running_mean, **tol)
+        torch.testing.assert_close(got["var"], one.running_var, **tol)
+        assert int(got["tracked"]) == int(one.num_batches_tracked) == 1
+    # the case covers what it says: a rank alone would have normalized differently
+    own = ImputedBatchNorm2d.from_batchnorm(bn_case(shape)[0], "bn").train()
+    with torch.no_grad():
+        alone = own(x[:cut])
+    if split != "empty":
+        assert not torch.allclose(alone, y[:cut].detach(), atol=1e-6), "rank 0 alone gives the global statistics"
+    if shape == "points":  # channel 3 has one value per rank: usable only together (the running stats moved)
+        assert one.running_var[3] != bn_case(shape)[0].running_var[3]
+
+
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_ddp_with_imputed_sync_batchnorm_trains_like_one_process(sync_bn, results):
+    """A patched BatchNorm CNN (synchronized active sets) converted by tritonslide.convert_sync_batchnorm: one
+    data-parallel step on two halves gives the outputs, Parameters and running statistics of one process's step on
+    the whole batch. Without the conversion each rank's BatchNorm statistics are its own half's, and they differ."""
+    ranks = results(f"bn_ddp_{sync_bn}")
+    model = build_bn_cnn(False).train()
+    converted = [type(m).__name__ for m in build_bn_cnn(True).modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert converted == ["ImputedSyncBatchNorm", "ImputedSyncBatchNorm"], converted
+    assert ranks[0]["types"] == (converted if sync_bn else ["ImputedBatchNorm2d", "ImputedBatchNorm2d"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = bn_cnn_batch()
+    out = model(x)
+    F.cross_entropy(out, target).backward()
+    opt.step()
+    counts = active_counts(model)
+    assert any(o < 24 for o, _ in counts), f"all filters active: {counts}"
+    state = tensors(model)
+    same = []
+    for r, got in enumerate(ranks):
+        assert got["counts"] == counts, f"rank {r} chose {got['counts']} active filters, one process {counts}"
+        rows = slice(r * BATCH, (r + 1) * BATCH)
+        same.append(torch.allclose(got["out"], out[rows].detach(), rtol=1e-4, atol=1e-5))
+        if sync_bn:
+            assert same[-1], f"rank {r}'s output differs from one process's"
+            for k, v in state.items():
+                torch.testing.assert_close(got["final"][k], v, rtol=1e-4, atol=1e-5,
+                                           msg=lambda m, k=k, r=r: f"rank {r}, {k}: {m}")
+    if not sync_bn:
+        assert not all(same), "without synchronized BatchNorm the ranks matched one process: the test shows nothing"
+
+
+def test_imputed_sync_batchnorm_compiles_under_a_process_group(results):
+    for r, got in enumerate(results("bn_compiled")):
+        for eager, compiled in zip(got["eager"], got["compiled"]):
+            torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12, msg=lambda m, r=r: f"rank {r}: {m}")

@@ -3,7 +3,7 @@
 Public API: ``patch`` / ``unpatch`` (model surgery), the configs, ``tritonslide.nn`` (layers), ``tritonslide.models``
 (standard architectures with torchvision's layer shapes and names), ``tritonslide.ops``
 (the op layer with its Triton and PyTorch backends), ``use_backend``, ``rebuild_tables``, ``set_selection``,
-``stats``, ``summary``, ``TrainAndReplace``.
+``impute_batchnorms``, ``convert_sync_batchnorm``, ``stats``, ``summary``, ``TrainAndReplace``.
 """
 
 from tritonslide import models, nn, ops
@@ -12,6 +12,7 @@ from tritonslide.configs import ALSHConfig, CSGConfig, LowRankConfig, MILFConfig
 from tritonslide.patch import (
     TrainAndReplace,
     available_methods,
+    convert_sync_batchnorm,
     impute_batchnorms,
     link_active_sets,
     patch,
@@ -36,6 +37,7 @@ __all__ = [
     "summary",
     "TrainAndReplace",
     "available_methods",
+    "convert_sync_batchnorm",
     "current_backend",
     "impute_batchnorms",
     "link_active_sets",

@@ -18,7 +18,7 @@ from tritonslide._registry import METHODS, MethodSpec, is_tritonslide_layer, met
 from tritonslide.configs import SELECTIONS, ALSHConfig, MILFConfig
 from tritonslide.nn._common import resolve_init, same_config
 from tritonslide.nn.alsh import ALSHLayerStats, ALSHSelector
-from tritonslide.nn.batchnorm import ImputedBatchNorm2d
+from tritonslide.nn.batchnorm import ImputedBatchNorm2d, ImputedSyncBatchNorm, _ImputedNorm
 
 FilterFn = Callable[[nn.Module, str], bool]
 # A config object of a registered method, its name ("alsh", "sketch", ...), or None for ALSHConfig().
@@ -137,7 +137,9 @@ def patch(
     ``batchnorm``: ``"impute"`` (the default) turns each ``nn.BatchNorm2d`` that directly follows an ALSH or MILF
     layer (the next module registered in the same parent) into an :class:`~tritonslide.nn.ImputedBatchNorm2d`, same
     Parameters and buffers, which imputes the channels the layer did not compute by their mean instead of taking
-    them for zeros (its docstring; README *BatchNorm after ALSH layers*); ``"keep"`` leaves every BatchNorm as it is.
+    them for zeros (its docstring; README *BatchNorm after ALSH layers*), and each such ``nn.SyncBatchNorm`` into an
+    :class:`~tritonslide.nn.ImputedSyncBatchNorm`; ``"keep"`` leaves every BatchNorm as it is. To synchronize
+    BatchNorm after ``patch``, use :func:`convert_sync_batchnorm` (torch's own turns the imputing ones plain).
     """
     if batchnorm not in BATCHNORM_MODES:
         raise ValueError(f"tritonslide.patch: batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
@@ -209,8 +211,9 @@ BATCHNORM_MODES = ("impute", "keep")
 
 
 def impute_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
-    """Turn every ``nn.BatchNorm2d`` registered right after an ALSH or MILF layer in the same parent module (and
-    with as many features as the layer has filters) into an :class:`~tritonslide.nn.ImputedBatchNorm2d` sharing its
+    """Turn every ``nn.BatchNorm2d`` (``nn.SyncBatchNorm``) registered right after an ALSH or MILF layer in the same
+    parent module (and with as many features as the layer has filters) into an
+    :class:`~tritonslide.nn.ImputedBatchNorm2d` (:class:`~tritonslide.nn.ImputedSyncBatchNorm`) sharing its
     Parameters and buffers, in place; returns the (layer, BatchNorm) names paired. ``patch`` calls it (its
     ``batchnorm="impute"``). The graph is not traced: registration order stands for data flow, as in
     ``nn.Sequential(conv, bn)`` and torchvision's ``conv1`` / ``bn1`` attributes."""
@@ -218,12 +221,32 @@ def impute_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
     for parent_name, parent in list(model.named_modules()):
         children = list(parent.named_children())
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if (isinstance(a, ALSHSelector) and type(b) is nn.BatchNorm2d
+            if (isinstance(a, ALSHSelector) and type(b) in _IMPUTED_FORM
                     and b.num_features == a.out_channels):
                 fqn = f"{parent_name}.{name_b}" if parent_name else name_b
-                setattr(parent, name_b, ImputedBatchNorm2d.from_batchnorm(b, fqn))
+                setattr(parent, name_b, _IMPUTED_FORM[type(b)].from_batchnorm(b, fqn))
                 pairs.append((f"{parent_name}.{name_a}" if parent_name else name_a, fqn))
     return pairs
+
+
+_IMPUTED_FORM = {nn.BatchNorm2d: ImputedBatchNorm2d, nn.SyncBatchNorm: ImputedSyncBatchNorm}
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` for a patched model: every BatchNorm becomes an
+    ``nn.SyncBatchNorm`` as torch's function makes it, except that each :class:`~tritonslide.nn.ImputedBatchNorm2d`
+    becomes an :class:`~tritonslide.nn.ImputedSyncBatchNorm` (torch's function alone would turn it into a plain
+    ``nn.SyncBatchNorm``, which takes the channels an ALSH layer did not compute for zeros). The same Parameters and
+    buffers; returns the converted model (a new module where ``model`` itself is a BatchNorm, as torch's)."""
+    imputed = [fqn for fqn, m in model.named_modules() if isinstance(m, _ImputedNorm)]
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    for fqn in imputed:
+        plain = converted.get_submodule(fqn) if fqn else converted
+        new = ImputedSyncBatchNorm.from_batchnorm(plain, fqn)
+        if not fqn:
+            return new
+        _set_submodule(converted, fqn, new)
+    return converted
 
 
 def _warn_sample_training_with_batchnorm(model: nn.Module, api: str) -> None:
@@ -235,7 +258,7 @@ def _warn_sample_training_with_batchnorm(model: nn.Module, api: str) -> None:
     norms = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    plain = [name for name, m in norms if not isinstance(m, ImputedBatchNorm2d)]
+    plain = [name for name, m in norms if not isinstance(m, _ImputedNorm)]
     imputed = len(norms) - len(plain)
     parts = [f"{api}: selection='sample' also trains with per-sample active sets, which can be unstable beside "
              f"BatchNorm: a channel computed in few samples of a batch gets its statistics from few values."]
@@ -255,12 +278,13 @@ def _warn_sample_training_with_batchnorm(model: nn.Module, api: str) -> None:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Turn every tritonslide layer back into its dense module with the same Parameters, and every
-    :class:`~tritonslide.nn.ImputedBatchNorm2d` back into ``nn.BatchNorm2d``; returns ``model``."""
+    :class:`~tritonslide.nn.ImputedBatchNorm2d` (:class:`~tritonslide.nn.ImputedSyncBatchNorm`) back into
+    ``nn.BatchNorm2d`` (``nn.SyncBatchNorm``); returns ``model``."""
     _unlink_all(model)
     if is_tritonslide_layer(model):
         return model.to_dense().train(model.training)
     for fqn, module in list(model.named_modules()):
-        if isinstance(module, ImputedBatchNorm2d) and fqn:
+        if isinstance(module, _ImputedNorm) and fqn:
             _set_submodule(model, fqn, module.to_batchnorm())
     for fqn, module in list(model.named_modules()):
         if is_tritonslide_layer(module) and fqn:

@@ -25,47 +25,54 @@ zero, no bias) is imputed too, which is what its layer's sparsity means.
 ``tritonslide.patch`` puts one after each ALSH / MILF layer that a ``BatchNorm2d`` directly follows (the next module
 registered in the same parent, as in ``nn.Sequential(conv, bn)`` or torchvision's ``conv1`` / ``bn1``); ``unpatch``
 puts the plain module back.
+
+:class:`ImputedSyncBatchNorm` is the same rule for ``nn.SyncBatchNorm``: under ``torch.distributed`` its training
+statistics are those of every rank's computed planes (one process's on the concatenated batch), and its backward sums
+over them. ``patch`` pairs a ``SyncBatchNorm`` with it; ``tritonslide.convert_sync_batchnorm`` converts a patched model.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 # Below this many computed values a channel's batch variance is not used (a single value has none).
 MIN_COMPUTED = 2
 
 
-class ImputedBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose statistics skip not-computed (all-zero) planes and whose output there is ``beta``
-    (the channel's mean imputed); see the module docstring. Build it with :meth:`from_batchnorm`."""
+class _ImputedNorm:
+    """What :class:`ImputedBatchNorm2d` and :class:`ImputedSyncBatchNorm` share: the forward and the running
+    statistics' update. ``_plain`` is the torch class each replaces (what ``to_batchnorm`` gives back)."""
 
+    _plain: type
     layer_name: str = ""
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, name: str = "") -> ImputedBatchNorm2d:
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, name: str = ""):
         """The same Parameters and buffers as ``bn`` (an optimizer that holds them keeps working), ``bn``'s mode."""
-        if type(bn) is not nn.BatchNorm2d:
-            raise TypeError(f"ImputedBatchNorm2d.from_batchnorm: expected an nn.BatchNorm2d, got {type(bn).__name__}")
-        new = _share_state(bn, cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                   device="meta"))
+        if type(bn) is not cls._plain:
+            raise TypeError(f"{cls.__name__}.from_batchnorm: expected an nn.{cls._plain.__name__}, got "
+                            f"{type(bn).__name__}")
+        new = _share_state(bn, _like(cls, bn))
         new.layer_name = name
         return new
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
-        """The plain ``nn.BatchNorm2d`` with the same Parameters and buffers (what ``unpatch`` puts back)."""
-        return _share_state(self, nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine,
-                                                 self.track_running_stats, device="meta"))
+        """The plain torch module with the same Parameters and buffers (what ``unpatch`` puts back)."""
+        return _share_state(self, _like(self._plain, self))
+
+    def _sync_group(self):
+        """The process group whose batches the training statistics span, or None for this process's batch only."""
+        return None
 
     def _check_input(self, x: torch.Tensor) -> None:
+        name = f"{type(self).__name__} {self.layer_name or '<unnamed>'}"
         if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"ImputedBatchNorm2d {self.layer_name or '<unnamed>'}: expected an input of shape (N, "
-                f"{self.num_features}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"{name}: expected an input of shape (N, {self.num_features}, H, W), got "
+                             f"{tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"ImputedBatchNorm2d {self.layer_name or '<unnamed>'}: expected a floating-point "
-                            f"input, got {x.dtype}")
+            raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -78,7 +85,7 @@ class ImputedBatchNorm2d(nn.BatchNorm2d):
             return _apply(x, a, b)
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         y, mean, var, count = _ImputedBatchNorm.apply(x.to(acc), computed, gamma, beta, self.running_mean,
-                                                      self.running_var, self.eps)
+                                                      self.running_var, self.eps, self._sync_group())
         if self.training and self.track_running_stats and self.running_mean is not None:
             self._update_running(mean, var, count, count >= MIN_COMPUTED)
         return y.to(x.dtype)
@@ -97,6 +104,40 @@ class ImputedBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", not-computed channels imputed by their mean"
+
+
+class ImputedBatchNorm2d(_ImputedNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose statistics skip not-computed (all-zero) planes and whose output there is ``beta``
+    (the channel's mean imputed); see the module docstring. Build it with :meth:`from_batchnorm`."""
+
+    _plain = nn.BatchNorm2d
+
+
+class ImputedSyncBatchNorm(_ImputedNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` with :class:`ImputedBatchNorm2d`'s rule: in training under ``torch.distributed`` (more
+    than one rank in ``process_group``, the default group when None), the statistics are those of the computed
+    planes of every rank's batch, as one process would compute them on the concatenated batch, and the input's
+    gradient sums over every rank's computed planes. Every rank of the group must run each training forward and
+    backward (a rank with an empty batch joins with zero counts). Eval, or one process, needs no collective.
+
+    Unlike ``nn.SyncBatchNorm``, it also runs on CPU tensors (gloo): the collectives are ``all_gather`` of (3, C)
+    per-rank moments in the forward (combined by Chan's parallel formula) and ``all_reduce`` of (2, C) sums in the
+    backward. Only 4-D inputs, like :class:`ImputedBatchNorm2d`. Build it with :meth:`from_batchnorm` from an
+    ``nn.SyncBatchNorm``, or with :func:`tritonslide.convert_sync_batchnorm`."""
+
+    _plain = nn.SyncBatchNorm
+
+    def _sync_group(self):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+
+def _like(kind: type, bn: nn.Module) -> nn.Module:
+    """An empty module of class ``kind`` on the meta device with ``bn``'s hyperparameters (and process group)."""
+    extra = {"process_group": bn.process_group} if issubclass(kind, nn.SyncBatchNorm) else {}
+    return kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta", **extra)
 
 
 def _share_state(src: nn.BatchNorm2d, dst: nn.BatchNorm2d) -> nn.BatchNorm2d:
@@ -131,7 +172,7 @@ def _apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor 
     N*C channels (mean 0, variance 1, eps 0: weight a, bias b; PyTorch's fastest per-channel affine kernel, as fast as
     the plain BatchNorm, where a broadcast addcmul took 1.5x that on (64, 128, 28, 28) on this team's CPU)."""
     n, c, h, w = x.shape
-    if out is None and x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
+    if out is None and x.is_contiguous() and x.dtype in (torch.float32, torch.float64) and x.numel():
         flat = torch.zeros(n * c, dtype=x.dtype, device=x.device)
         return torch.nn.functional.batch_norm(x.view(1, n * c, h, w), flat, torch.ones_like(flat), a.reshape(-1),
                                               b.reshape(-1), False, 0.0, 0.0).view(n, c, h, w)
@@ -144,7 +185,7 @@ class _ImputedBatchNorm(torch.autograd.Function):
     through the masked statistics took 2.3-5x a plain BatchNorm's forward and backward on ResNet shapes."""
 
     @staticmethod
-    def forward(ctx, x, computed, gamma, beta, running_mean, running_var, eps):
+    def forward(ctx, x, computed, gamma, beta, running_mean, running_var, eps, group):
         n, c, h, w = x.shape
         plane_sum = x.sum((2, 3))
         weight = computed.to(x.dtype)
@@ -154,7 +195,11 @@ class _ImputedBatchNorm(torch.autograd.Function):
         y = torch.empty_like(x)
         # sum over the computed planes of (x - mean)^2, its squares written where the output goes next
         torch.sub(x, mean[:, None, None], out=y).square_()
-        var = (y.sum((2, 3)) * weight).sum(0) / denom
+        m2 = (y.sum((2, 3)) * weight).sum(0)
+        if group is not None:  # every rank's computed planes: this rank's moments combined with the others'
+            mean, m2, count = _combine_moments(count, mean, m2, group)
+            denom = count.clamp(min=1).to(x.dtype)
+        var = m2 / denom
         usable = count >= MIN_COMPUTED
         mean_used, var_used = mean, var
         if running_mean is not None:  # too few values: the running statistics (no gradient to the statistics)
@@ -166,6 +211,7 @@ class _ImputedBatchNorm(torch.autograd.Function):
         a, b = _plane_coefficients(computed, mean_used, rstd, gamma, beta, x.dtype)
         _apply(x, a, b, out=y)
         ctx.save_for_backward(x, weight, mean_used, rstd, gamma, usable, denom)
+        ctx.group = group
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
@@ -179,15 +225,32 @@ class _ImputedBatchNorm(torch.autograd.Function):
         gx_sum = torch.mul(gy, x, out=dx).sum((2, 3))
         s_g = (g_sum * weight).sum(0)  # sums over the computed planes
         s_gxhat = ((gx_sum - mean * g_sum) * weight).sum(0) * rstd
+        d_gamma = s_gxhat if ctx.needs_input_grad[2] else None  # this rank's share (DDP averages Parameters' grads)
+        if ctx.group is not None:  # the statistics spanned every rank's planes, so do their gradient's sums
+            sums = torch.stack((s_g, s_gxhat))
+            dist.all_reduce(sums, group=ctx.group)
+            s_g, s_gxhat = sums[0], sums[1]
         scale = rstd if gamma is None else rstd * gamma
         stat = usable.to(x.dtype) / denom  # channels normalized by their running statistics pass no gradient there
         k_g = weight * scale
         k_x = -weight * (scale * rstd * s_gxhat * stat)
         k_0 = weight * (scale * stat * (rstd * mean * s_gxhat - s_g))
         torch.addcmul(k_0[:, :, None, None], x, k_x[:, :, None, None], out=dx).addcmul_(gy, k_g[:, :, None, None])
-        d_gamma = s_gxhat if ctx.needs_input_grad[2] else None
         d_beta = g_sum.sum(0) if ctx.needs_input_grad[3] else None
-        return dx, None, d_gamma, d_beta, None, None, None
+        return dx, None, d_gamma, d_beta, None, None, None, None
+
+
+def _combine_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group) -> tuple[torch.Tensor, ...]:
+    """The (mean, sum of squared deviations, count) of every rank's values from each rank's own (C,) ones: one
+    ``all_gather`` of (3, C), combined by Chan et al.'s parallel formula (no cancellation of large sums of squares)."""
+    local = torch.stack((count.to(mean.dtype), mean, m2))
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    counts, means, m2s = torch.stack(parts).unbind(1)  # each (world, C)
+    total = counts.sum(0)
+    combined = (counts * means).sum(0) / total.clamp(min=1)
+    m2 = m2s.sum(0) + (counts * (means - combined).square()).sum(0)
+    return combined, m2, total.round().to(count.dtype)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
