@@ -19,8 +19,10 @@ from tritonslide import ALSHConfig
 from tritonslide.nn import ALSHConv2d, ImputedBatchNorm2d, ImputedSyncBatchNorm
 
 
-def loop_reference(x, weight, bias, running_mean, running_var, eps, momentum, training):
-    """(y, new_running_mean, new_running_var) by a loop over channels; not-computed planes (all zero) give bias."""
+def loop_reference(x, weight, bias, running_mean, running_var, eps, momentum, training, sample_fraction=0.5):
+    """(y, new_running_mean, new_running_var) by a loop over channels; not-computed planes (all zero) give bias. A
+    channel computed in fewer than ``sample_fraction`` of the samples is normalized with the running statistics,
+    which its values still update."""
     n, c = x.shape[:2]
     ys = []
     new_mean = None if running_mean is None else running_mean.clone()
@@ -28,13 +30,13 @@ def loop_reference(x, weight, bias, running_mean, running_var, eps, momentum, tr
     for ch in range(c):
         computed = [i for i in range(n) if bool((x[i, ch] != 0).any())]
         vals = torch.cat([x[i, ch].reshape(-1) for i in computed]) if computed else x.new_zeros(0)
-        if running_mean is None or (training and vals.numel() >= 2):
+        if training and running_mean is not None and vals.numel() >= 2:
+            new_mean[ch] = (1 - momentum) * running_mean[ch] + momentum * vals.detach().mean()
+            new_var[ch] = (1 - momentum) * running_var[ch] + momentum * vals.detach().var(unbiased=True)
+        if running_mean is None or (training and vals.numel() >= 2 and len(computed) >= sample_fraction * n):
             mean = vals.mean()
             var = ((vals - mean) ** 2).mean()
-            if running_mean is not None:
-                new_mean[ch] = (1 - momentum) * running_mean[ch] + momentum * mean.detach()
-                new_var[ch] = (1 - momentum) * running_var[ch] + momentum * vals.detach().var(unbiased=True)
-        else:  # eval, or too few computed values in training: the running statistics
+        else:  # eval, or too few computed values or samples in training: the running statistics
             mean, var = running_mean[ch], running_var[ch]
         planes = []
         for i in range(n):
@@ -47,7 +49,7 @@ def loop_reference(x, weight, bias, running_mean, running_var, eps, momentum, tr
 
 
 def sparse_input(shape, seed, dtype=torch.float64):
-    """Random values with whole planes zeroed: per channel a different number of computed samples (0, 1, some,
+    """Random values with whole planes zeroed: per channel a different number of computed samples (0, 1, 2, some,
     all), as after per-sample ALSH sets."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -57,6 +59,8 @@ def sparse_input(shape, seed, dtype=torch.float64):
     keep[:, 1] = True  # a channel every sample computed
     keep[:, 2] = False
     keep[1, 2] = True  # one computed sample
+    keep[:, 3] = False
+    keep[0, 3] = keep[2, 3] = True  # two: a channel under half of the batch, with 2 values even on 1x1 planes
     return (x * keep[:, :, None, None]).to(dtype)
 
 
@@ -73,14 +77,19 @@ def imputed(c, seed=0, momentum=0.1):
 
 @pytest.mark.parametrize("shape", [(5, 7, 6, 5), (9, 6, 1, 1), (4, 5, 3, 7)])
 @pytest.mark.parametrize("training", [True, False])
-def test_matches_loop_reference_forward_and_gradients(shape, training):
+@pytest.mark.parametrize("fraction", [0.5, 0.0, 0.9])
+def test_matches_loop_reference_forward_and_gradients(shape, training, fraction):
     mod = imputed(shape[1], seed=1)
     mod.train(training)
+    mod.min_sample_fraction = fraction
     x = sparse_input(shape, seed=2)
+    samples = (x != 0).flatten(2).any(2).sum(0)
+    rare = (samples >= 1) & (samples * shape[2] * shape[3] >= 2) & (samples < fraction * shape[0])
+    assert bool(rare.any()) == (fraction > 0), samples  # channels that update the running statistics only
     mean0, var0 = mod.running_mean.clone(), mod.running_var.clone()
     xr = x.clone().requires_grad_(True)
     w, b = mod.weight.detach().clone().requires_grad_(True), mod.bias.detach().clone().requires_grad_(True)
-    ref, ref_mean, ref_var = loop_reference(xr, w, b, mean0, var0, mod.eps, mod.momentum, training)
+    ref, ref_mean, ref_var = loop_reference(xr, w, b, mean0, var0, mod.eps, mod.momentum, training, fraction)
     xi = x.clone().requires_grad_(True)
     y = mod(xi)
     assert_close(y, ref)
@@ -334,3 +343,29 @@ def test_patch_pairs_sync_batchnorm_and_convert_keeps_imputation():
     tritonslide.unpatch(converted)
     assert [type(converted[i]) for i in (1, 4, 7)] == [nn.SyncBatchNorm] * 3
     assert converted[4].weight is weights[1] and converted[4].process_group is group
+
+
+def test_channel_in_few_samples_is_normalized_by_running_statistics():
+    """Per-sample sets: channel 0 computed in 2 of 8 samples on 1x1 planes (MobileNetV2's last layers at 16 px),
+    with close values. Its batch variance (2.5e-9) would give gradients of hundreds; under min_sample_fraction
+    (half) it is normalized with the running statistics, so its gradient is gy * gamma / sqrt(running_var + eps),
+    while its batch statistics still update the running ones. Channel 1, computed in 4 of 8, uses its batch's."""
+    x = torch.zeros(8, 2, 1, 1, dtype=torch.float64)
+    x[0, 0], x[5, 0] = 1.0, 1.0001
+    x[:4, 1, 0, 0] = torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=torch.float64)
+    gy = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(8, 2, 1, 1)
+    grads = {}
+    for fraction in (0.5, 0.0):
+        mod = imputed(2, seed=5)
+        mod.min_sample_fraction = fraction
+        rm, rv = mod.running_mean.clone(), mod.running_var.clone()
+        xi = x.clone().requires_grad_(True)
+        (mod(xi) * gy).sum().backward()
+        grads[fraction] = xi.grad
+        torch.testing.assert_close(mod.running_mean[0], 0.9 * rm[0] + 0.1 * 1.00005)  # updated either way
+        torch.testing.assert_close(mod.running_var[0], 0.9 * rv[0] + 0.1 * 5e-9)
+    mod = imputed(2, seed=5)
+    expected = gy[[0, 5], 0] * mod.weight[0].detach() / torch.sqrt(mod.running_var[0] + mod.eps)
+    torch.testing.assert_close(grads[0.5][[0, 5], 0], expected)
+    assert grads[0.0][[0, 5], 0].abs().max() > 100 * grads[0.5][[0, 5], 0].abs().max()
+    torch.testing.assert_close(grads[0.5][:, 1], grads[0.0][:, 1])  # 4 of 8: batch statistics in both

@@ -62,11 +62,13 @@ class ALSHConfig(_ConfigBase):
         whole batch (the thesis' setting), in training and in eval: a prediction then depends on the batch it is
         served in. ``"auto"`` (default): per batch while training, per sample in eval. Not part of a layer's saved
         identity. Default chosen by measurement (README, "Per-sample active sets"): per-sample training scored 1.8 /
-        2.8 points higher on the digits CNNs (no BatchNorm) for 1.8-2.2x the CPU epoch time, but with BatchNorm
-        after the layer it is unstable (a channel active in a few samples of the batch gets tiny batch statistics:
-        on a fresh MobileNetV2 the largest gradient was 350x-5000x the per-batch one, and SGD reached NaN in 3
-        steps), so training stays per batch by default and ``"sample"`` is the choice for networks without it
-        (``tritonslide.patch`` and ``set_selection`` warn when ``"sample"`` meets a model with BatchNorm layers).
+        2.8 points higher on the digits CNNs (no BatchNorm) for 1.8-2.2x the CPU epoch time, so training stays per
+        batch by default (cheaper) and ``"sample"`` is a choice where the accuracy is worth the time. With a plain
+        BatchNorm after the layer per-sample training is unstable (a channel active in a few samples of the batch
+        gets tiny batch statistics: on a fresh MobileNetV2 the largest gradient was 350x-5000x the per-batch one,
+        and SGD reached NaN in 3 steps); the imputing BatchNorm that ``tritonslide.patch`` puts there
+        (``ImputedBatchNorm2d``) is stable, and ``patch`` / ``set_selection`` warn when ``"sample"`` meets a model
+        with plain BatchNorm layers.
     """
 
     tables: int = 3

@@ -251,29 +251,25 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
 
 def _warn_sample_training_with_batchnorm(model: nn.Module, api: str) -> None:
     """A UserWarning when ALSH / MILF layers of ``model`` train per sample (``selection="sample"``) and the model has
-    BatchNorm layers: per-sample training beside BatchNorm can be unstable (``ALSHConfig.selection``). The graph is
-    not traced, so any BatchNorm of the model counts; the message names the plain ones it found."""
+    plain BatchNorm layers: after an ALSH layer a plain one takes the channels not computed for zeros and, per
+    sample, gets statistics from few values (``ALSHConfig.selection``). The imputing ones that ``patch`` puts there
+    are stable (README, *BatchNorm after ALSH layers*). The graph is not traced, so any plain BatchNorm of the model
+    counts; the message names them."""
     if not any(isinstance(m, ALSHSelector) and m.alsh_config.selection == "sample" for m in model.modules()):
         return
-    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    plain = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _ImputedNorm)]
+    if not plain:
         return
-    plain = [name for name, m in norms if not isinstance(m, _ImputedNorm)]
-    imputed = len(norms) - len(plain)
-    parts = [f"{api}: selection='sample' also trains with per-sample active sets, which can be unstable beside "
-             f"BatchNorm: a channel computed in few samples of a batch gets its statistics from few values."]
-    if imputed:
-        parts.append(f"{imputed} BatchNorm layer(s) after ALSH layers impute the channels not computed "
-                     f"(ImputedBatchNorm2d): with them a fresh MobileNetV2 (16 / 32 px, batch 8, SGD lr 0.01) "
-                     f"trained 10 steps without NaN, but its first step's largest gradient was still 20-60x the "
-                     f"per-batch one.")
-    if plain:
-        shown = ", ".join(plain[:3]) + (f" and {len(plain) - 3} more" if len(plain) > 3 else "")
-        parts.append(f"This model has {len(plain)} plain BatchNorm layer(s) ({shown}); after an ALSH layer a plain "
-                     f"one takes the channels not computed for zeros, and MobileNetV2 reached NaN in 3 SGD steps "
-                     f"(patch's batchnorm='impute', the default, converts those that directly follow an ALSH layer).")
-    parts.append("selection='auto' (the default) trains per batch and still evaluates per sample.")
-    warnings.warn(" ".join(parts), UserWarning, stacklevel=3)
+    shown = ", ".join(plain[:3]) + (f" and {len(plain) - 3} more" if len(plain) > 3 else "")
+    warnings.warn(
+        f"{api}: selection='sample' also trains with per-sample active sets, and this model has {len(plain)} plain "
+        f"BatchNorm layer(s) ({shown}). Right after an ALSH layer a plain BatchNorm takes the channels not computed "
+        f"for zeros and gets a channel's statistics from the few samples that computed it: a fresh MobileNetV2 "
+        f"reached NaN in 3 SGD steps. patch's batchnorm='impute' (the default) converts each BatchNorm that directly "
+        f"follows an ALSH layer into one that imputes them (stable per sample); a plain one elsewhere is only a "
+        f"risk if an ALSH layer feeds it. selection='auto' (the default) trains per batch and evaluates per sample.",
+        UserWarning, stacklevel=3)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
