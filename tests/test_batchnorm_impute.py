@@ -369,3 +369,59 @@ def test_channel_in_few_samples_is_normalized_by_running_statistics():
     torch.testing.assert_close(grads[0.5][[0, 5], 0], expected)
     assert grads[0.0][[0, 5], 0].abs().max() > 100 * grads[0.5][[0, 5], 0].abs().max()
     torch.testing.assert_close(grads[0.5][:, 1], grads[0.0][:, 1])  # 4 of 8: batch statistics in both
+
+
+class CatNet(nn.Module):
+    """A dense stem and an ALSH conv whose output is concatenated with the stem's (DenseNet's pattern), then one
+    BatchNorm over both, registered before the conv (so registration order cannot pair it)."""
+
+    def __init__(self, branch_on_data=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8 + 12)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.branch_on_data = branch_on_data
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        if self.branch_on_data and x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = h * 1.0
+        return self.norm(torch.cat([h, F.max_pool2d(F.relu(self.conv(h)), 3, 1, 1)], 1))
+
+
+def test_data_flow_pairs_a_batchnorm_after_a_concatenation():
+    config = ALSHConfig(bits=4, top_buckets=1, selection="batch")
+    convert = {"filter_fn": lambda module, name: name == "conv"}
+    model = tritonslide.patch(CatNet(), config, **convert)
+    assert isinstance(model.conv, ALSHConv2d) and isinstance(model.norm, ImputedBatchNorm2d)
+    assert model.norm.layer_name == "norm"
+    assert tritonslide.impute_batchnorms(model) == []
+    untraced = tritonslide.patch(CatNet(), config, **convert, batchnorm="keep")
+    assert tritonslide.impute_batchnorms(untraced, trace=False) == []
+    assert tritonslide.impute_batchnorms(untraced) == [("conv", "norm")]
+    # the bug it avoids: a channel of the ALSH conv that the batch's set left out keeps its running statistics
+    model.train()
+    before = model.norm.running_var.clone()
+    model(torch.randn(6, 3, 9, 10, generator=torch.Generator().manual_seed(0)))
+    out, _ = model.conv.last_active_counts
+    assert out < 12, "every filter active: the case shows nothing"
+    moved = (model.norm.running_var != before)[8:]
+    assert int(moved.sum()) == out  # the active ones only
+    assert bool((model.norm.running_var != before)[:8].all())  # the stem's channels are always computed
+
+
+def test_densenet_norms_after_concatenations_are_imputed():
+    model = tritonslide.patch(tritonslide.models.densenet121(num_classes=10), ALSHConfig())
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    plain = sorted(name for name, m in norms.items() if not isinstance(m, ImputedBatchNorm2d))
+    # the stem's norm and the first layer's norm1 read the dense stem's output only
+    assert plain == ["features.denseblock1.denselayer1.norm1", "features.norm0"], plain
+    assert len(norms) == 121
+
+
+def test_untraceable_model_is_paired_by_registration_order_with_a_warning():
+    convert = {"filter_fn": lambda module, name: name == "conv"}
+    with pytest.warns(UserWarning, match=r"torch.fx could not trace CatNet .*registration order only; 1 stay plain"):
+        model = tritonslide.patch(CatNet(branch_on_data=True), ALSHConfig(bits=4, top_buckets=1), **convert)
+    assert type(model.norm) is nn.BatchNorm2d
+    model(torch.randn(2, 3, 8, 8))  # the model itself still runs

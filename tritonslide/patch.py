@@ -11,6 +11,9 @@ import dataclasses
 import warnings
 from typing import Any, Callable
 
+import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 import tritonslide.nn  # noqa: F401 - importing the layers registers their methods
@@ -134,10 +137,11 @@ def patch(
     warning. Consecutive ALSH layers inside an ``nn.Sequential`` separated only by zero-preserving modules are
     linked for last-active-set sharing.
 
-    ``batchnorm``: ``"impute"`` (the default) turns each ``nn.BatchNorm2d`` that directly follows an ALSH or MILF
-    layer (the next module registered in the same parent) into an :class:`~tritonslide.nn.ImputedBatchNorm2d`, same
-    Parameters and buffers, which imputes the channels the layer did not compute by their mean instead of taking
-    them for zeros (its docstring; README *BatchNorm after ALSH layers*), and each such ``nn.SyncBatchNorm`` into an
+    ``batchnorm``: ``"impute"`` (the default) turns each ``nn.BatchNorm2d`` that an ALSH or MILF layer feeds (the
+    next module registered in the same parent, or by ``torch.fx`` data flow: :func:`impute_batchnorms`) into an
+    :class:`~tritonslide.nn.ImputedBatchNorm2d`, same Parameters and buffers, which imputes the channels the layer
+    did not compute by their mean instead of taking them for zeros (its docstring; README *BatchNorm after ALSH
+    layers*), and each such ``nn.SyncBatchNorm`` into an
     :class:`~tritonslide.nn.ImputedSyncBatchNorm`; ``"keep"`` leaves every BatchNorm as it is. To synchronize
     BatchNorm after ``patch``, use :func:`convert_sync_batchnorm` (torch's own turns the imputing ones plain).
     """
@@ -210,13 +214,20 @@ def patch(
 BATCHNORM_MODES = ("impute", "keep")
 
 
-def impute_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
-    """Turn every ``nn.BatchNorm2d`` (``nn.SyncBatchNorm``) registered right after an ALSH or MILF layer in the same
-    parent module (and with as many features as the layer has filters) into an
+def impute_batchnorms(model: nn.Module, trace: bool = True) -> list[tuple[str, str]]:
+    """Turn every plain ``nn.BatchNorm2d`` (``nn.SyncBatchNorm``) that an ALSH or MILF layer feeds into an
     :class:`~tritonslide.nn.ImputedBatchNorm2d` (:class:`~tritonslide.nn.ImputedSyncBatchNorm`) sharing its
-    Parameters and buffers, in place; returns the (layer, BatchNorm) names paired. ``patch`` calls it (its
-    ``batchnorm="impute"``). The graph is not traced: registration order stands for data flow, as in
-    ``nn.Sequential(conv, bn)`` and torchvision's ``conv1`` / ``bn1`` attributes."""
+    Parameters and buffers, in place; returns (layer, BatchNorm) name pairs, the layer being one ALSH layer that
+    feeds the BatchNorm. ``patch`` calls it (its ``batchnorm="impute"``). Two rules, their union:
+
+    * registration order: the BatchNorm is the next module registered after the layer in the same parent, with as
+      many features as the layer has filters (``nn.Sequential(conv, bn)``, torchvision's ``conv1`` / ``bn1``);
+    * data flow (``trace=True``): ``torch.fx`` traces the model (tritonslide layers and BatchNorms as leaves), and a
+      BatchNorm whose input is an ALSH layer's output, through modules and functions that keep a zero plane zero
+      (ReLU-like activations, pooling, dropout, ``torch.cat``), is paired: DenseNet's ``norm1`` after the
+      concatenation of earlier layers' outputs, its transitions' norms. A model that does not trace is paired by
+      registration order only, with a warning where a plain BatchNorm is left.
+    """
     pairs = []
     for parent_name, parent in list(model.named_modules()):
         children = list(parent.named_children())
@@ -226,7 +237,79 @@ def impute_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
                 fqn = f"{parent_name}.{name_b}" if parent_name else name_b
                 setattr(parent, name_b, _IMPUTED_FORM[type(b)].from_batchnorm(b, fqn))
                 pairs.append((f"{parent_name}.{name_a}" if parent_name else name_a, fqn))
+    if not trace or not any(type(m) in _IMPUTED_FORM for m in model.modules()) \
+            or not any(isinstance(m, ALSHSelector) for m in model.modules()):
+        return pairs
+    try:
+        fed = _batchnorms_fed_by_alsh(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure: registration order is the fallback
+        plain = [name for name, m in model.named_modules() if type(m) in _IMPUTED_FORM]
+        warnings.warn(
+            f"tritonslide.impute_batchnorms: torch.fx could not trace {type(model).__name__} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}), so BatchNorms were paired "
+            f"with ALSH layers by registration order only; {len(plain)} stay plain. Convert one that an ALSH layer "
+            f"feeds with tritonslide.nn.ImputedBatchNorm2d.from_batchnorm.", UserWarning, stacklevel=3)
+        return pairs
+    for fqn, source in fed.items():
+        module = model.get_submodule(fqn)
+        if type(module) in _IMPUTED_FORM and fqn:
+            _set_submodule(model, fqn, _IMPUTED_FORM[type(module)].from_batchnorm(module, fqn))
+            pairs.append((source, fqn))
     return pairs
+
+
+# What keeps a plane that is zero everywhere zero (and mixes no channels into it), besides ZERO_PRESERVING modules:
+# the data-flow walk of impute_batchnorms passes through these on its way from a BatchNorm back to an ALSH layer.
+_ZERO_PRESERVING_FUNCTIONS = frozenset({
+    torch.cat, torch.concat, torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
+    F.hardswish, F.hardtanh, F.mish, torch.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_max_pool2d,
+    F.adaptive_avg_pool2d, F.dropout, F.dropout2d,
+})
+_ZERO_PRESERVING_METHODS = frozenset({"relu", "relu_", "contiguous", "clone", "tanh"})
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Records tritonslide layers and BatchNorms as calls without tracing into them."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (is_tritonslide_layer(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)
+                or super().is_leaf_module(m, qualname))
+
+
+def _batchnorms_fed_by_alsh(model: nn.Module) -> dict[str, str]:
+    """{BatchNorm name: an ALSH layer's name} for each BatchNorm of ``model`` whose traced input reaches an ALSH layer's
+    output through zero-preserving steps only (any input of a ``torch.cat``). Raises whatever tracing raises."""
+    graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    memo: dict[torch.fx.Node, str | None] = {}
+
+    def source(node) -> str | None:
+        if isinstance(node, (list, tuple)):
+            return next((found for found in map(source, node) if found), None)
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node not in memo:
+            memo[node] = None  # a cycle cannot happen in a traced graph; this only stops a re-walk
+            found = None
+            if node.op == "call_module":
+                module = modules[node.target]
+                if isinstance(module, ALSHSelector):
+                    found = node.target
+                elif type(module) in ZERO_PRESERVING and node.args:
+                    found = source(node.args[0])
+            elif node.op == "call_function" and node.target in _ZERO_PRESERVING_FUNCTIONS and node.args:
+                found = source(node.args[0])
+            elif node.op == "call_method" and node.target in _ZERO_PRESERVING_METHODS and node.args:
+                found = source(node.args[0])
+            memo[node] = found
+        return memo[node]
+
+    fed = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm) \
+                and node.args and (found := source(node.args[0])):
+            fed.setdefault(node.target, found)
+    return fed
 
 
 _IMPUTED_FORM = {nn.BatchNorm2d: ImputedBatchNorm2d, nn.SyncBatchNorm: ImputedSyncBatchNorm}

@@ -26,9 +26,9 @@ Whether a plane was computed is read from the tensor (all of its H x W values ex
 link to the layer and no host synchronization; a computed plane that is exactly zero everywhere (every read channel
 zero, no bias) is imputed too, which is what its layer's sparsity means.
 
-``tritonslide.patch`` puts one after each ALSH / MILF layer that a ``BatchNorm2d`` directly follows (the next module
-registered in the same parent, as in ``nn.Sequential(conv, bn)`` or torchvision's ``conv1`` / ``bn1``); ``unpatch``
-puts the plain module back.
+``tritonslide.patch`` puts one in place of each ``BatchNorm2d`` that an ALSH / MILF layer feeds (the next module
+registered in the same parent, as in ``nn.Sequential(conv, bn)`` or torchvision's ``conv1`` / ``bn1``, or found by
+tracing the model: ``tritonslide.impute_batchnorms``); ``unpatch`` puts the plain module back.
 
 :class:`ImputedSyncBatchNorm` is the same rule for ``nn.SyncBatchNorm``: under ``torch.distributed`` its training
 statistics are those of every rank's computed planes (one process's on the concatenated batch), and its backward sums
