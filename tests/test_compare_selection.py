@@ -57,6 +57,19 @@ def test_batchnorm_rows_cover_every_start_mode_and_selection(run):
     assert "| start | trained with (epochs) | BatchNorm |" in section.markdown
 
 
+def test_densenet_rows_cover_every_pairing(run):
+    section, _ = run
+    rows = [r for r in section.rows if r["part"] == "batchnorm_densenet"]
+    got = {(r["batchnorm"], r["trained"], r["tested"]): r["imputed_batchnorms"] for r in rows}
+    tested = selection.SELECTIONS
+    assert set(got) == {(b, t, e) for b, t in [("-", "dense"), ("keep", "batch"), ("order", "batch"),
+                                                 ("impute", "batch"), ("impute", "sample")] for e in tested}
+    # registration order pairs none of the BatchNorms after the concatenations; the data flow pairs all six
+    assert {k[0]: v for k, v in got.items()} == {"-": 0, "keep": 0, "order": 0, "impute": 6}
+    assert all(0 <= r["accuracy"] <= 100 for r in rows)
+    assert "| BatchNorm | trained with (epochs) | imputing BatchNorms |" in section.markdown
+
+
 def test_imagenet_rows_ratios_and_batch_independence(run):
     section, threads = run
     rows = [r for r in section.rows if r["part"] == "imagenet"]

@@ -18,6 +18,13 @@ Two parts, both run with the same ALSH config (3 tables of 5 bits, top 5 buckets
   default: :class:`~tritonslide.nn.ImputedBatchNorm2d`). Trained from scratch per batch and per sample, and
   converted from the dense net trained for the same epochs: tested per sample as converted, then fine-tuned per
   batch and per sample for a fifth of the epochs (at least one). Each tested per sample and per batch.
+* ``batchnorm_densenet``: a small DenseNet-BC (``tritonslide.models.DenseNet``: growth 32, two blocks of three
+  layers, 32 initial features, one input channel) with ALSH on its six 3x3 convolutions, whose outputs reach
+  BatchNorms only through concatenations (no BatchNorm is registered after them). Trained from scratch with plain
+  BatchNorm (``"keep"``), with BatchNorms paired by registration order only (``"order"``:
+  ``impute_batchnorms(model, trace=False)``, which pairs none here), and with patch's default (``"impute"``: the
+  ``torch.fx`` data flow finds the six BatchNorms after the concatenations); per batch, and the default per sample
+  too. Each tested per sample and per batch.
 
 The figures decide ``ALSHConfig.selection``'s default (the README gives them).
 """
@@ -41,6 +48,8 @@ from tritonslide.compare import Context, Section
 from tritonslide.compare._common import NETS, cnn3_bn, digits28, markdown_table, pyplot, save_plot, time_round_robin
 from tritonslide.compare.cnnslide import LAYERS, subset, train_timed
 from tritonslide.demo import train
+from tritonslide.models import DenseNet
+from tritonslide.nn.batchnorm import _ImputedNorm
 
 SELECTIONS = ("batch", "sample")
 
@@ -177,6 +186,38 @@ def batchnorm_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
     return rows
 
 
+def densenet_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
+    data = subset(digits28(ctx.seed), scale.train_subset, None, ctx.device)
+    per_epoch = math.ceil(len(data.y_train) / 64)
+    torch.manual_seed(ctx.seed)
+    init = DenseNet(growth_rate=32, block_config=(3, 3), num_init_features=32, bn_size=4, num_classes=10,
+                    in_channels=1).to(ctx.device)
+    rows: list[dict[str, Any]] = []
+    variants = [("-", "dense"), ("keep", "batch"), ("order", "batch"), ("impute", "batch"), ("impute", "sample")]
+    for batchnorm, trained in variants:
+        model = copy.deepcopy(init)
+        if trained != "dense":
+            with warnings.catch_warnings():  # per-sample training beside plain BatchNorm warns
+                warnings.simplefilter("ignore", UserWarning)
+                model = tritonslide.patch(model, _alsh(trained, ctx.seed, per_epoch),
+                                          batchnorm="keep" if batchnorm == "order" else batchnorm,
+                                          filter_fn=lambda module, name: name.endswith("conv2"))
+            if batchnorm == "order":
+                tritonslide.impute_batchnorms(model, trace=False)
+        imputed = sum(isinstance(m, _ImputedNorm) for m in model.modules())
+        train(model, data, epochs=scale.epochs, batch_size=64, seed=ctx.seed, progress=ctx.progress,
+              desc=f"densenet {trained} {batchnorm}")
+        if trained == "dense":
+            acc = dict.fromkeys(SELECTIONS, _evaluate(model, data.x_test, data.y_test, 64)[0])
+        else:
+            acc = _accuracies(model, data, trained)
+        for tested in SELECTIONS:
+            rows.append({"part": "batchnorm_densenet", "net": "densenet_digits", "batchnorm": batchnorm,
+                         "trained": trained, "tested": tested, "epochs": scale.epochs, "accuracy": acc[tested],
+                         "imputed_batchnorms": imputed})
+    return rows
+
+
 def imagenet_rows(ctx: Context, scale: Scale) -> list[dict[str, Any]]:
     x = sample_crops(scale.batch, scale.size, ctx.seed).to(ctx.device)
     threads = torch.get_num_threads()
@@ -233,6 +274,12 @@ def _markdown(rows: list[dict[str, Any]], scale: Scale, ctx: Context) -> str:
         [[r["start"], f"{r['trained']} ({r['epochs']})", r["batchnorm"], f"{r['accuracy']:.1f}",
           f"{by[(r['start'], r['batchnorm'], r['trained'], 'batch')]:.1f}"]
          for r in norms if r["tested"] == "sample"])
+    dense_nets = [r for r in rows if r["part"] == "batchnorm_densenet"]
+    by_net = {(r["batchnorm"], r["trained"], r["tested"]): r["accuracy"] for r in dense_nets}
+    t4 = markdown_table(
+        ["BatchNorm", "trained with (epochs)", "imputing BatchNorms", "test acc %, per sample", "per batch"],
+        [[r["batchnorm"], f"{r['trained']} ({r['epochs']})", r["imputed_batchnorms"], f"{r['accuracy']:.1f}",
+          f"{by_net[(r['batchnorm'], r['trained'], 'batch')]:.1f}"] for r in dense_nets if r["tested"] == "sample"])
     t1 = markdown_table(
         ["net", "trained with", "tested with", "test acc %", "active (train)", "active (test)", "epoch s",
          "eval ms / image"],
@@ -263,6 +310,10 @@ def _markdown(rows: list[dict[str, Any]], scale: Scale, ctx: Context) -> str:
         "'keep': plain nn.BatchNorm2d, 'impute': tritonslide.nn.ImputedBatchNorm2d, the patch default; 'converted' "
         "starts from the dense row's weights, 'none' is before fine-tuning):",
         t3,
+        "BatchNorm after concatenations (a DenseNet-BC on digits28, ALSH on its six 3x3 convolutions; 'order': "
+        "BatchNorms paired by registration order only, 'impute': patch's default, which also follows the torch.fx "
+        "data flow through torch.cat):",
+        t4,
     ])
 
 
@@ -290,7 +341,7 @@ def _plot(rows: list[dict[str, Any]], out_dir) -> str:
 
 def run(ctx: Context) -> Section:
     scale = QUICK if ctx.quick else FULL
-    rows = digits_rows(ctx, scale) + batchnorm_rows(ctx, scale) + imagenet_rows(ctx, scale)
+    rows = digits_rows(ctx, scale) + batchnorm_rows(ctx, scale) + densenet_rows(ctx, scale) + imagenet_rows(ctx, scale)
     note = (f"{ctx.scale}: digits {', '.join(scale.nets)} x {scale.epochs} epoch(s); ImageNet shapes batch "
             f"{scale.batch} at {scale.size} px, {scale.rounds} rounds")
     return Section(markdown=_markdown(rows, scale, ctx), rows=rows, paper=copy.deepcopy(PAPER),
