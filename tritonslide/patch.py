@@ -289,7 +289,6 @@ def _batchnorms_fed_by_alsh(model: nn.Module) -> dict[str, str]:
         if not isinstance(node, torch.fx.Node):
             return None
         if node not in memo:
-            memo[node] = None  # a cycle cannot happen in a traced graph; this only stops a re-walk
             found = None
             if node.op == "call_module":
                 module = modules[node.target]

@@ -1,7 +1,7 @@
 """Section ``selection``: per-sample vs per-batch ALSH active sets (issue #15; no paper figure: this goes beyond the
 anchors, which all choose one set per batch, Feeney 2019 sec. 4.2, CNN-SLIDE sec. 4.1).
 
-Two parts, both run with the same ALSH config (3 tables of 5 bits, top 5 buckets, m = 2) under both selections:
+Four parts, each run with the same ALSH config (3 tables of 5 bits, top 5 buckets, m = 2) under both selections:
 
 * ``digits``: the 3-layer CNN (``--full``: the 8-layer CNN too) of the ``cnnslide`` section trained on digits28 with
   ALSH on the same layers (re-hashed once per epoch), once with per-batch sets and once with per-sample sets, from
