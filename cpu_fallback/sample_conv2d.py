@@ -24,9 +24,11 @@ with one intra-op thread each (``_workers.py``: parts of about equal multiply-ad
 summed per part, then over the parts in order, so a run repeats bitwise).
 
 Small layers are the exception: where each sample's convolution is so small that the loop's fixed cost per group
-dominates (ResNet-56's 3x3 layers at 32-8 px, the digits CNNs' deeper layers), that one masked convolution of every
-filter is the faster exact computation, 2-4x on ResNet-56's layers. A cost rule (``_masked_pays``, constants
-measured below) picks between the two per call; ``TRITONSLIDE_CPU_SAMPLE_CONV=groups`` / ``masked`` forces one.
+dominates (ResNet-56's 3x3 layers at 32-8 px, the digits CNNs' deeper layers), one masked convolution over the whole
+batch is the faster exact computation, 2-4x on ResNet-56's layers. It convolves the batch's union of active filters
+on the union of read channels (every filter where the sets cover them all, as on AlexNet; 18 of 32, 38 of 64 and 80 of
+128 filters on the digits cnn8's three ALSH layers at batch 64). A cost rule (``_masked_pays``, constants measured
+below) picks between the two per call; ``TRITONSLIDE_CPU_SAMPLE_CONV=groups`` / ``masked`` forces one.
 
 Index rows: ``out_idx`` (N, Ko) int64 and ``out_count`` (N,) int64; ``out_count=None`` means every entry of the row.
 ``in_idx`` / ``in_count`` likewise, or ``None`` (every input channel). Entries past a count are never read.
@@ -47,7 +49,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._format import is_channels_last, out_hw
+from ._format import is_channels_last, out_hw, zeros_like_format
 from ._gather import add_block, take_block
 from ._rows import rows_valid as _valid
 from ._workers import map_parts
@@ -194,9 +196,10 @@ def _zero_tail(t: torch.Tensor, samples: torch.Tensor, k: int) -> None:
 # Which computation a per-sample convolution uses. The group loop computes exactly each sample's filters on its
 # channels, one small convolution per group: its cost is a fixed overhead per group (gathers, dispatch, a batch-1
 # convolution's setup) plus multiply-adds at a batch-1 convolution's rate, which drops on small maps (few output
-# positions to block over). The masked form runs ONE convolution of every filter over every sample (inputs zero outside
-# each sample's read channels, outputs kept only in its active filters): the dense multiply-adds at the batched rate,
-# plus passes over the full-width input and output (masking, gathering). In multiply-adds of the batched convolution: a
+# positions to block over). The masked form runs ONE convolution over every sample of the filters some sample computes
+# on the channels some sample reads (inputs zero outside each sample's read channels, outputs kept only in its active
+# filters): the union's multiply-adds at the batched rate, plus passes over the full-width input and output (masking,
+# gathering). In multiply-adds of the batched convolution: a
 # group costs _GROUP_OVERHEAD_MACS, an exact multiply-add _BATCH1_COST * (1 + _SMALL_MAP / P) with P a group's output
 # positions (H' W' times its mean size), an element of the full-width input or output _ELEMENT_MACS; the masked form is
 # taken when its estimate times _MASKED_MARGIN stays below the loop's. Least-squares fit (relative errors) to 18 layers
@@ -228,7 +231,7 @@ def _path() -> str:
 
 def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n_groups: int, kernel: int,
                  in_hw: int, out_hw: int) -> bool:
-    """Whether one masked convolution of every filter (``c`` input channels, ``kernel`` = kh kw taps, ``in_hw`` /
+    """Whether one masked convolution of the batch's union (``c`` input channels, ``kernel`` = kh kw taps, ``in_hw`` /
     ``out_hw`` input / output positions) is cheaper than the loop over ``n_groups`` groups, by the rule above (or
     as ``TRITONSLIDE_CPU_SAMPLE_CONV`` says)."""
     path = _path()
@@ -239,7 +242,10 @@ def _masked_pays(out_mask: torch.Tensor, in_mask: torch.Tensor | None, c: int, n
     n, o = out_mask.shape
     reads = in_mask.sum(1) if in_mask is not None else c
     exact = float((out_mask.sum(1) * reads).sum()) * kernel * out_hw
-    masked = n * o * c * kernel * out_hw + _ELEMENT_MACS * n * (c * in_hw + o * out_hw)
+    # the masked form convolves the batch's union of filters on the union of read channels (_masked_forward)
+    o_used = float(out_mask.any(0).sum()) or o
+    c_used = (float(in_mask.any(0).sum()) or c) if in_mask is not None else c
+    masked = n * o_used * c_used * kernel * out_hw + _ELEMENT_MACS * n * (c * in_hw + o * out_hw)
     # a group's convolution blocks over its samples' positions: a group of several samples is no small map
     positions = max(out_hw * n / max(n_groups, 1), 1)
     loop = n_groups * _GROUP_OVERHEAD_MACS + _BATCH1_COST * (1 + _SMALL_MAP / positions) * exact
@@ -271,15 +277,68 @@ def _gather_channels(full: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor)
     return torch.where(valid[:, :, None, None], taken, 0)
 
 
+def _union(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(sel, pos)``: the indices that some sample's set holds (the batch's union, ascending) and, (size,), each
+    index's place among them; ``(None, None)`` when that is every index, or none (a convolution needs one), or
+    there is no mask."""
+    if mask is None:
+        return None, None
+    used = mask.any(0)
+    if bool(used.all()) or not bool(used.any()):
+        return None, None
+    return used.nonzero().view(-1), torch.cumsum(used, 0) - 1
+
+
+def _union_rows(idx: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """Index rows renumbered into the union (:func:`_union`'s ``pos``; entries past a count point at 0)."""
+    if pos is None:
+        return idx
+    return torch.where(valid, pos.index_select(0, torch.where(valid, idx, 0).view(-1)).view(idx.shape), 0)
+
+
+def _union_cols(mask: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    return mask if sel is None else mask.index_select(1, sel)
+
+
+def _widen(t: torch.Tensor, sel: torch.Tensor | None, size: int) -> torch.Tensor:
+    """(N, size, ...) in ``t``'s format: channel ``sel[j]`` is ``t``'s channel ``j``, every other one zero."""
+    if sel is None:
+        return t
+    return zeros_like_format(t, t.shape[0], size, *t.shape[2:]).index_copy_(1, sel, t)
+
+
 def _masked_input(x: torch.Tensor, in_idx: torch.Tensor | None, in_count: torch.Tensor | None,
-                  in_mask: torch.Tensor | None, c: int, compact_input: bool) -> torch.Tensor:
+                  in_mask: torch.Tensor | None, c: int, compact_input: bool,
+                  union: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
     """x at full width, zero outside each sample's read channels (``where``, not a product: what lies outside a
-    sample's set is never read, NaN included)."""
+    sample's set is never read, NaN included); with ``union`` (:func:`_union` of ``in_mask``) only the channels some
+    sample reads, in ascending order."""
+    sel, pos = union
     if compact_input:
-        return _scatter_channels(x, in_idx, _valid(in_idx, in_count), c)
+        valid = _valid(in_idx, in_count)
+        return _scatter_channels(x, _union_rows(in_idx, valid, pos), valid, c if sel is None else sel.numel())
     if in_mask is None:
         return x
-    return torch.where(in_mask[:, :, None, None], x, 0)
+    return torch.where(_union_cols(in_mask, sel)[:, :, None, None], x if sel is None else x.index_select(1, sel), 0)
+
+
+def _masked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_idx: torch.Tensor,
+                    out_count: torch.Tensor | None, out_mask: torch.Tensor, in_idx: torch.Tensor | None,
+                    in_count: torch.Tensor | None, in_mask: torch.Tensor | None, stride: tuple[int, int],
+                    padding: tuple[int, int], dilation: tuple[int, int], compact_input: bool, compact_output: bool,
+                    acc: torch.dtype) -> torch.Tensor:
+    """The masked form: one convolution of the batch's union of active filters on the union of read channels,
+    inputs zero outside each sample's read channels, outputs kept only in its active filters."""
+    o, c = weight.shape[:2]
+    out_union, in_union = _union(out_mask), _union(in_mask)
+    xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input, in_union).to(acc)
+    w = take_block(weight.to(acc), out_union[0], in_union[0])
+    b = None if bias is None else (bias if out_union[0] is None else bias.index_select(0, out_union[0])).to(acc)
+    yf = F.conv2d(xf, w, b, stride, padding, dilation)
+    if compact_output:
+        valid = _valid(out_idx, out_count)
+        return _gather_channels(yf, _union_rows(out_idx, valid, out_union[1]), valid)
+    return _widen(torch.where(_union_cols(out_mask, out_union[0])[:, :, None, None], yf, 0), out_union[0], o)
 
 
 def torch_sample_conv2d(
@@ -317,12 +376,8 @@ def torch_sample_conv2d(
     out_mask, in_mask = _masks(out_idx, out_count, n, o), _masks(in_idx, in_count, n, c)
     distinct = _distinct_sets(out_mask, in_mask)
     if _masked_pays(out_mask, in_mask, c, distinct[0].shape[0], kh * kw, x.shape[2] * x.shape[3], ho * wo):
-        xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input).to(acc)
-        yf = F.conv2d(xf, weight.to(acc), None if bias is None else bias.to(acc), stride, padding, dilation)
-        if compact_output:
-            y = _gather_channels(yf, out_idx, _valid(out_idx, out_count))
-        else:
-            y = torch.where(out_mask[:, :, None, None], yf, 0)
+        y = _masked_forward(x, weight, bias, out_idx, out_count, out_mask, in_idx, in_count, in_mask, stride,
+                            padding, dilation, compact_input, compact_output, acc)
         return y.to(x.dtype).contiguous(memory_format=fmt)
     groups, costs = _groups(out_mask, in_mask, distinct)
     y = torch.empty((n, width, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -449,29 +504,44 @@ def _masked_backward(
     in_count: torch.Tensor | None, in_mask: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
     dilation: tuple[int, int], needs: tuple[bool, bool, bool], compact_input: bool, compact_output: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The backward of the masked form: one ``convolution_backward`` of every filter with dy zero outside each
-    sample's active filters and x zero outside its read channels, so dW and db sum exactly each sample's terms."""
+    """The backward of the masked form: one ``convolution_backward`` of the batch's union of filters on its union of
+    read channels, with dy zero outside each sample's active filters and x zero outside its read channels, so dW and
+    db sum exactly each sample's terms (and are zero outside the union)."""
     need_x, need_w, need_b = needs
     o, c = weight.shape[:2]
     acc = _accumulation_dtype(x.dtype)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out_union, in_union = _union(out_mask), _union(in_mask)
+    sel_o = out_union[0]
     if compact_output:
-        g = _scatter_channels(grad_y, out_idx, _valid(out_idx, out_count), o)
+        valid = _valid(out_idx, out_count)
+        g = _scatter_channels(grad_y, _union_rows(out_idx, valid, out_union[1]), valid,
+                              o if sel_o is None else sel_o.numel())
     else:
-        g = torch.where(out_mask[:, :, None, None], grad_y, 0)
+        g = torch.where(_union_cols(out_mask, sel_o)[:, :, None, None],
+                        grad_y if sel_o is None else grad_y.index_select(1, sel_o), 0)
     g = g.to(acc).contiguous(memory_format=fmt)
     dx = dw = None
     if need_x or need_w:
-        xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input).to(acc).contiguous(memory_format=fmt)
-        dxf, dw, _ = torch.ops.aten.convolution_backward(
-            g, xf, weight.contiguous().to(acc), None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-            [need_x, need_w, False],
+        xf = _masked_input(x, in_idx, in_count, in_mask, c, compact_input, in_union).to(acc)
+        w = take_block(weight.contiguous().to(acc), sel_o, in_union[0])
+        dxf, dw_u, _ = torch.ops.aten.convolution_backward(
+            g, xf.contiguous(memory_format=fmt), w, None, list(stride), list(padding), list(dilation), False,
+            [0, 0], 1, [need_x, need_w, False],
         )
+        if need_w:
+            if sel_o is None and in_union[0] is None:
+                dw = dw_u
+            else:
+                rows = sel_o if sel_o is not None else torch.arange(o, device=weight.device)
+                dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+                add_block(dw, rows, in_union[0], dw_u)
         if need_x:
             if compact_input:
-                dxf = _gather_channels(dxf, in_idx, _valid(in_idx, in_count))
+                valid = _valid(in_idx, in_count)
+                dxf = _gather_channels(dxf, _union_rows(in_idx, valid, in_union[1]), valid)
             elif in_mask is not None:
-                dxf = torch.where(in_mask[:, :, None, None], dxf, 0)
+                dxf = _widen(torch.where(_union_cols(in_mask, in_union[0])[:, :, None, None], dxf, 0), in_union[0], c)
             dx = dxf.to(x.dtype).contiguous(memory_format=fmt)
-    db = g.sum((0, 2, 3)).to(weight.dtype) if need_b else None
+    db = _widen(g.sum((0, 2, 3))[None], sel_o, o)[0].to(weight.dtype) if need_b else None
     return dx, None if dw is None else dw.to(weight.dtype), db

@@ -458,6 +458,49 @@ def test_masked_form_runs_one_convolution(monkeypatch):
     assert calls == [x.shape]
 
 
+@pytest.mark.parametrize("compact", ["", "in", "out", "in+out"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_masked_form_convolves_only_the_batchs_union_of_filters_and_channels(monkeypatch, channels_last, compact):
+    """Filters no sample of the batch computes and channels no sample reads are left out of the masked form's one
+    convolution (its weight holds the union of the sets), forward and every gradient equal to the loop reference in
+    each form, and dW / dx / db are zero outside the union."""
+    monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "masked")
+    n, c, h, w_, o = 4, 11, 7, 6, 13
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c, h, w_, generator=gen)
+    w = torch.randn(o, c, 3, 3, generator=gen)
+    b = torch.randn(o, generator=gen)
+    # filters 0-4 and channels 0-3 belong to no sample's set: unions of 8 filters and 7 channels
+    out_rows, out_count = random_rows(n, 8, gen, torch.tensor([8, 3, 5, 0]))
+    in_rows, in_count = random_rows(n, 7, gen, torch.tensor([2, 7, 0, 4]))
+    out_rows, in_rows = out_rows + 5, in_rows + 4
+    out_count, in_count = out_count.clone(), in_count.clone()
+    c_in, c_out = compact.startswith("in"), compact.endswith("out")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xc = to_compact(x, in_rows, in_count) if c_in else x.clone()
+    xg = xc.contiguous(memory_format=fmt).requires_grad_()
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    shapes = []
+    real = F.conv2d
+    monkeypatch.setattr(sc.F, "conv2d", lambda *a, **k: shapes.append((a[0].shape[1], a[1].shape[0])) or real(*a, **k))
+    with use_backend("torch"):
+        y = ops.active_conv2d(xg, wg, bg, out_rows, in_rows, (1, 1), (1, 1), (1, 1), out_count=out_count,
+                              in_count=in_count, compact_input=c_in, compact_output=c_out)
+        grad_full = torch.randn(n, o, h, w_, generator=torch.Generator().manual_seed(1))
+        grad_y = to_compact(grad_full, out_rows, out_count) if c_out else grad_full
+        dx, dw, db = torch.autograd.grad(y, (xg, wg, bg), grad_y)
+    assert shapes == [(7, 8)]  # (channels read, filters computed) of the one convolution
+    ref = loop_reference(x, w, b, out_rows, out_count, in_rows, in_count, (1, 1), (1, 1), (1, 1), grad_full)
+    assert_close(y, to_compact(ref[0], out_rows, out_count) if c_out else ref[0], torch.float32, c * 9, "y")
+    assert_close(dx, to_compact(ref[1], in_rows, in_count) if c_in else ref[1], torch.float32, o * 9, "dx")
+    assert_close(dw, ref[2], torch.float32, n * h * w_, "dW")
+    assert_close(db, ref[3], torch.float32, n * h * w_, "db")
+    assert not dw[:5].any() and not dw[:, :4].any() and not db[:5].any()
+    if not c_in:
+        assert not dx[:, :4].any()
+    assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
 def test_rounded_sizes_are_multiples_of_16_or_8_and_exact_below_8():
     assert [sc._rounded(v) for v in (1, 7, 8, 9, 17, 39, 40, 41, 100, 129, 300)] == [
         1, 7, 8, 16, 24, 40, 48, 48, 112, 144, 304]
