@@ -501,6 +501,22 @@ def test_masked_form_convolves_only_the_batchs_union_of_filters_and_channels(mon
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
+def test_union_is_rounded_up_with_unused_filters_and_dropped_when_too_large():
+    """``_union``: the batch's union padded with the lowest unused indices to ``_rounded`` size, and every index (None)
+    once the rounded union passes ``_UNION_FRACTION`` of the layer or is empty."""
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[0, [3, 7, 30]] = True
+    mask[1, [7, 12, 20, 33, 34, 35, 39]] = True  # a union of 9 filters, rounded to 16
+    sel, pos = sc._union(mask)
+    used = [3, 7, 12, 20, 30, 33, 34, 35, 39]
+    assert sel.tolist() == sorted(used + [0, 1, 2, 4, 5, 6, 8])
+    assert all(int(pos[i]) == sel.tolist().index(i) for i in sel.tolist())
+    assert sc._union_size(mask) == 16
+    mask[2, :31] = True  # 31 of 40, rounded to 32 > 0.75 * 40
+    assert sc._union(mask) == (None, None) and sc._union_size(mask) == 40
+    assert sc._union(torch.zeros(3, 40, dtype=torch.bool)) == (None, None)
+
+
 def test_rounded_sizes_are_multiples_of_16_or_8_and_exact_below_8():
     assert [sc._rounded(v) for v in (1, 7, 8, 9, 17, 39, 40, 41, 100, 129, 300)] == [
         1, 7, 8, 16, 24, 40, 48, 48, 112, 144, 304]
