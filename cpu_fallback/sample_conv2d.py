@@ -279,24 +279,27 @@ def _gather_channels(full: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor)
 
 # The masked form convolves only the filters some sample of the batch computes (and the channels some sample reads)
 # where that union, rounded up to a size oneDNN blocks well (_rounded: the padding entries are filters no sample uses,
-# computed and dropped), is at most _UNION_FRACTION of the layer: below that the saved multiply-adds outweigh the
-# extra gathers and the pass that widens the output again. Median of 40 interleaved calls, batch 64, sets of 40% of
-# the filters drawn from a union, this team's CPU (full -> union ms): 128@7 with 80 of 128 filters 4.00 -> 2.90,
-# 64@14 with 38 of 64 4.94 -> 4.08, 64@8 with 32 / 48 / 56 of 64 1.54 -> 1.05 / 1.39 / 1.69, 32@16 with 16 / 24 / 28
-# of 32 1.93 -> 1.38 / 1.99 / 2.05; unrounded unions of odd sizes lost (32@28 with 18 of 32 6.91 -> 7.76).
+# computed and dropped), leaves out at least one block of 16 (oneDNN's AVX-512 kernels block channels by 16) and is at
+# most _UNION_FRACTION of the layer: below that the saved multiply-adds outweigh the extra gathers and the pass that
+# widens the output again. Median of 40 interleaved calls, batch 64, sets of 40% of the filters drawn from a union,
+# this team's CPU, 2026-12-04 (full -> union ms; two runs): 128@7 with 80 of 128 filters 4.00 / 4.10 -> 2.90 / 3.04,
+# 64@14 with 38 (48 rounded) of 64 4.94 / 4.80 -> 4.08 / 4.02, 64@8 with 32 / 48 / 56 of 64 1.54 -> 1.05 / 1.39 /
+# 1.69, 32@16 with 16 / 24 / 28 of 32 1.93 -> 1.38 / 1.99 / 2.05; 32@28 with 18 (24 rounded) of 32 lost, 6.91 / 7.31
+# -> 7.76 / 8.17 (a 3x3 convolution of 32 channels at 28x28 took as long with 16-32 filters: memory-bound).
 _UNION_FRACTION = 0.75
+_UNION_MIN_SAVED = 16
 
 
 def _union(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(sel, pos)``: the indices the masked form computes, the batch's union of ``mask``'s rows padded with the
     lowest unused indices to a rounded size (ascending), and, (size,), each index's place among them; ``(None,
-    None)`` for every index (the union is too large to pay, see above, or empty) or without a mask."""
+    None)`` for every index (the union saves too little to pay, see above, or is empty) or without a mask."""
     if mask is None:
         return None, None
     used = mask.any(0)
     size, count = used.numel(), int(used.sum())
     padded = _rounded(count)
-    if count == 0 or padded > _UNION_FRACTION * size:
+    if count == 0 or padded > _UNION_FRACTION * size or size - padded < _UNION_MIN_SAVED:
         return None, None
     if padded > count:  # the first unused indices fill the rounded size
         unused = (~used).nonzero().view(-1)[:padded - count]

@@ -465,15 +465,15 @@ def test_masked_form_convolves_only_the_batchs_union_of_filters_and_channels(mon
     convolution (its weight holds the union of the sets), forward and every gradient equal to the loop reference in
     each form, and dW / dx / db are zero outside the union."""
     monkeypatch.setenv("TRITONSLIDE_CPU_SAMPLE_CONV", "masked")
-    n, c, h, w_, o = 4, 11, 7, 6, 13
+    n, c, h, w_, o = 4, 23, 7, 6, 29
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(n, c, h, w_, generator=gen)
     w = torch.randn(o, c, 3, 3, generator=gen)
     b = torch.randn(o, generator=gen)
-    # filters 0-4 and channels 0-3 belong to no sample's set: unions of 8 filters and 7 channels
+    # filters 0-20 and channels 0-15 belong to no sample's set: unions of 8 filters and 7 channels
     out_rows, out_count = random_rows(n, 8, gen, torch.tensor([8, 3, 5, 0]))
     in_rows, in_count = random_rows(n, 7, gen, torch.tensor([2, 7, 0, 4]))
-    out_rows, in_rows = out_rows + 5, in_rows + 4
+    out_rows, in_rows = out_rows + 21, in_rows + 16
     out_count, in_count = out_count.clone(), in_count.clone()
     c_in, c_out = compact.startswith("in"), compact.endswith("out")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -495,15 +495,16 @@ def test_masked_form_convolves_only_the_batchs_union_of_filters_and_channels(mon
     assert_close(dx, to_compact(ref[1], in_rows, in_count) if c_in else ref[1], torch.float32, o * 9, "dx")
     assert_close(dw, ref[2], torch.float32, n * h * w_, "dW")
     assert_close(db, ref[3], torch.float32, n * h * w_, "db")
-    assert not dw[:5].any() and not dw[:, :4].any() and not db[:5].any()
+    assert not dw[:21].any() and not dw[:, :16].any() and not db[:21].any()
     if not c_in:
-        assert not dx[:, :4].any()
+        assert not dx[:, :16].any()
     assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
 def test_union_is_rounded_up_with_unused_filters_and_dropped_when_too_large():
     """``_union``: the batch's union padded with the lowest unused indices to ``_rounded`` size, and every index (None)
-    once the rounded union passes ``_UNION_FRACTION`` of the layer or is empty."""
+    once the rounded union passes ``_UNION_FRACTION`` of the layer, leaves out fewer than ``_UNION_MIN_SAVED``
+    indices, or is empty."""
     mask = torch.zeros(3, 40, dtype=torch.bool)
     mask[0, [3, 7, 30]] = True
     mask[1, [7, 12, 20, 33, 34, 35, 39]] = True  # a union of 9 filters, rounded to 16
@@ -515,6 +516,11 @@ def test_union_is_rounded_up_with_unused_filters_and_dropped_when_too_large():
     mask[2, :31] = True  # 31 of 40, rounded to 32 > 0.75 * 40
     assert sc._union(mask) == (None, None) and sc._union_size(mask) == 40
     assert sc._union(torch.zeros(3, 40, dtype=torch.bool)) == (None, None)
+    small = torch.zeros(2, 32, dtype=torch.bool)
+    small[0, :17] = True  # 17 of 32, rounded to 24: leaves out less than a block of 16 filters
+    assert sc._union(small) == (None, None)
+    small[0, 16] = False  # 16 of 32 leaves out one block
+    assert sc._union(small)[0].tolist() == list(range(16))
 
 
 def test_rounded_sizes_are_multiples_of_16_or_8_and_exact_below_8():
