@@ -26,9 +26,10 @@ summed per part, then over the parts in order, so a run repeats bitwise).
 Small layers are the exception: where each sample's convolution is so small that the loop's fixed cost per group
 dominates (ResNet-56's 3x3 layers at 32-8 px, the digits CNNs' deeper layers), one masked convolution over the whole
 batch is the faster exact computation, 2-4x on ResNet-56's layers. It convolves the batch's union of active filters
-on the union of read channels (every filter where the sets cover them all, as on AlexNet; 18 of 32, 38 of 64 and 80 of
-128 filters on the digits cnn8's three ALSH layers at batch 64). A cost rule (``_masked_pays``, constants measured
-below) picks between the two per call; ``TRITONSLIDE_CPU_SAMPLE_CONV=groups`` / ``masked`` forces one.
+on the union of read channels where that pays (``_union``; on the digits cnn8's three ALSH layers at batch 64 the
+unions hold 18 of 32, 38 of 64 and 80 of 128 filters, and the last two pay), else every filter (AlexNet's sets cover
+them all). A cost rule (``_masked_pays``, constants measured below) picks between the two forms per call;
+``TRITONSLIDE_CPU_SAMPLE_CONV=groups`` / ``masked`` forces one.
 
 Index rows: ``out_idx`` (N, Ko) int64 and ``out_count`` (N,) int64; ``out_count=None`` means every entry of the row.
 ``in_idx`` / ``in_count`` likewise, or ``None`` (every input channel). Entries past a count are never read.
@@ -283,7 +284,7 @@ def _gather_channels(full: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor)
 # most _UNION_FRACTION of the layer: below that the saved multiply-adds outweigh the extra gathers and the pass that
 # widens the output again. Median of 40 interleaved calls, batch 64, sets of 40% of the filters drawn from a union,
 # this team's CPU, 2026-12-04 (full -> union ms; two runs): 128@7 with 80 of 128 filters 4.00 / 4.10 -> 2.90 / 3.04,
-# 64@14 with 38 (48 rounded) of 64 4.94 / 4.80 -> 4.08 / 4.02, 64@8 with 32 / 48 / 56 of 64 1.54 -> 1.05 / 1.39 /
+# 64@14 with 38 (40 rounded) of 64 4.94 / 4.80 -> 4.08 / 4.02, 64@8 with 32 / 48 / 56 of 64 1.54 -> 1.05 / 1.39 /
 # 1.69, 32@16 with 16 / 24 / 28 of 32 1.93 -> 1.38 / 1.99 / 2.05; 32@28 with 18 (24 rounded) of 32 lost, 6.91 / 7.31
 # -> 7.76 / 8.17 (a 3x3 convolution of 32 channels at 28x28 took as long with 16-32 filters: memory-bound).
 _UNION_FRACTION = 0.75
