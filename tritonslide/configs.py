@@ -61,11 +61,12 @@ class ALSHConfig(_ConfigBase):
         sample's output never depends on its batch companions. ``"batch"``: one set from the histogram of the
         whole batch (the thesis' setting), in training and in eval: a prediction then depends on the batch it is
         served in. ``"auto"`` (default): per batch while training, per sample in eval. Not part of a layer's saved
-        identity. Default chosen by measurement (README, "Per-sample active sets"): per-sample training scored 1.8 /
-        2.8 points higher on the digits CNNs (no BatchNorm) for 1.8-2.2x the CPU epoch time, so training stays per
-        batch by default (cheaper) and ``"sample"`` is a choice where the accuracy is worth the time: tested per
-        sample, it never scored lower, and on a DenseNet whose ALSH outputs reach BatchNorm through concatenations
-        it scored 96.9% against 69.4% (README, "BatchNorm after ALSH layers"). With a plain
+        identity. Default chosen by measurement (README, "Per-sample active sets"): per-sample training takes
+        1.45-2.1x the per-batch step on a CPU (more than dense training on the digits CNNs) and, tested per sample,
+        scored about the same as per-batch training on the digits CNNs without BatchNorm (cnn3 96.1 vs 95.3%, cnn8
+        86.7 vs 88.7%, four seeds) and higher where BatchNorm follows the ALSH layers (cnn3_bn 98.1 vs 96.4%; a
+        DenseNet whose ALSH outputs reach BatchNorm through concatenations 97.3 vs 69.4%). So training stays per
+        batch by default (cheaper) and ``"sample"`` is a choice where the accuracy is worth the time. With a plain
         BatchNorm after the layer per-sample training is unstable (a channel active in a few samples of the batch
         gets tiny batch statistics: on a fresh MobileNetV2 the largest gradient was 350x-5000x the per-batch one,
         and SGD reached NaN in 3 steps); the imputing BatchNorm that ``tritonslide.patch`` puts there
