@@ -291,17 +291,27 @@ _UNION_FRACTION = 0.75
 _UNION_MIN_SAVED = 16
 
 
-def _union(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(sel, pos)``: the indices the masked form computes, the batch's union of ``mask``'s rows padded with the
-    lowest unused indices to a rounded size (ascending), and, (size,), each index's place among them; ``(None,
-    None)`` for every index (the union saves too little to pay, see above, or is empty) or without a mask."""
-    if mask is None:
-        return None, None
-    used = mask.any(0)
+def _union_padded(used: torch.Tensor) -> int | None:
+    """The size the masked form computes for a union ``used`` (bool, one flag per index): rounded up (``_rounded``),
+    or None for every index (the union saves too little to pay, see above, or is empty)."""
     size, count = used.numel(), int(used.sum())
     padded = _rounded(count)
     if count == 0 or padded > _UNION_FRACTION * size or size - padded < _UNION_MIN_SAVED:
+        return None
+    return padded
+
+
+def _union(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(sel, pos)``: the indices the masked form computes, the batch's union of ``mask``'s rows padded with the
+    lowest unused indices to :func:`_union_padded`'s size (ascending), and, (size,), each index's place among them;
+    ``(None, None)`` for every index, or without a mask."""
+    if mask is None:
         return None, None
+    used = mask.any(0)
+    padded = _union_padded(used)
+    if padded is None:
+        return None, None
+    count = int(used.sum())
     if padded > count:  # the first unused indices fill the rounded size
         unused = (~used).nonzero().view(-1)[:padded - count]
         used = used.clone().index_fill_(0, unused, True)
@@ -309,9 +319,10 @@ def _union(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor
 
 
 def _union_size(mask: torch.Tensor) -> int:
-    """How many indices the masked form computes for ``mask`` (:func:`_union`)."""
-    sel = _union(mask)[0]
-    return mask.shape[1] if sel is None else sel.numel()
+    """How many indices the masked form computes for ``mask`` (:func:`_union`), without building them (the cost
+    rule asks before the form runs)."""
+    padded = _union_padded(mask.any(0))
+    return mask.shape[1] if padded is None else padded
 
 
 def _union_rows(idx: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
